@@ -1,0 +1,1 @@
+"""ernie5_jax: elastic MoE pre-training of a unified multimodal autoregressive model."""

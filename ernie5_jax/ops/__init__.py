@@ -1,0 +1,1 @@
+"""Backend-selected compute ops: attention and MoE expert dispatch."""
