@@ -1,0 +1,196 @@
+"""The unified multimodal MoE decoder, its blocks, and the table of size variants.
+
+Layout: embedding -> dense blocks (config.model.num_dense_layers, dense SwiGLU) -> MoE
+blocks -> final RMSNorm -> tied or untied output head. Each group of blocks is one
+`BlockStack`: with config.model.scan_layers its parameters are stacked on a leading
+'layers' axis (nnx.vmap at init) and applied with nnx.scan, so compile time does not
+grow with depth; otherwise it is a Python loop over the same per-layer modules.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from ernie5_jax.config import ConfigError
+from ernie5_jax.model import rope
+from ernie5_jax.model.attention import Attention
+from ernie5_jax.model.layers import MLP, Embed, OutputHead, RMSNorm, to_dtype
+from ernie5_jax.model.moe import MoE
+from ernie5_jax.model.router import update_router_bias
+
+# Size variants (after big_vision's decode_variant): each sets the model fields that
+# decide depth, width, experts and top-k. Active parameters ~ attention + dense layers
+# + (top_k + shared) experts per MoE layer; "1T-A32" has ~1.0e12 total, ~3.2e10 active.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "tiny": dict(d_model=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
+                 rope_sections=(8, 4, 4), num_dense_layers=0, dense_hidden=512,
+                 num_experts=8, num_shared_experts=0, expert_hidden=64, top_k=2),
+    "S": dict(d_model=384, num_layers=6, num_heads=6, num_kv_heads=2, head_dim=64,
+              rope_sections=(16, 8, 8), num_dense_layers=1, dense_hidden=1536,
+              num_experts=16, num_shared_experts=1, expert_hidden=256, top_k=2),
+    "B": dict(d_model=768, num_layers=12, num_heads=12, num_kv_heads=4, head_dim=64,
+              rope_sections=(16, 8, 8), num_dense_layers=1, dense_hidden=3072,
+              num_experts=64, num_shared_experts=2, expert_hidden=384, top_k=6),
+    "L": dict(d_model=1024, num_layers=24, num_heads=16, num_kv_heads=4, head_dim=64,
+              rope_sections=(16, 8, 8), num_dense_layers=2, dense_hidden=4096,
+              num_experts=64, num_shared_experts=2, expert_hidden=512, top_k=6),
+    "1T-A32": dict(d_model=7168, num_layers=61, num_heads=56, num_kv_heads=8, head_dim=128,
+                   rope_sections=(32, 16, 16), num_dense_layers=3, dense_hidden=18432,
+                   num_experts=384, num_shared_experts=1, expert_hidden=2048, top_k=8),
+}
+
+
+def apply_variant(model_cfg: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """Overwrites model_cfg's size fields with VARIANTS[name]; returns model_cfg."""
+  if name not in VARIANTS:
+    raise ConfigError(f"model variant={name!r} is not accepted: expected one of "
+                      f"{tuple(VARIANTS)}")
+  for field, value in VARIANTS[name].items():
+    model_cfg[field] = value
+  return model_cfg
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block: x + attn(norm(x)), then h + ffn(norm(h)); ffn dense or MoE."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, moe: bool, rngs: nnx.Rngs):
+    dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
+    norm = lambda: RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype,
+                           param_dtype=param_dtype, rngs=rngs)
+    self.attn_norm = norm()
+    self.attn = Attention(d_model=cfg.d_model, num_heads=cfg.num_heads,
+                          num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                          dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.ffn_norm = norm()
+    if moe:
+      self.ffn = MoE(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    else:
+      self.ffn = MLP(cfg.d_model, cfg.dense_hidden, dtype=dtype, param_dtype=param_dtype,
+                     rngs=rngs)
+    self.moe = moe
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array, angles: jax.Array, segment_ids: jax.Array,
+               group_ids: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """x [batch, seq, embed] -> (x [batch, seq, embed], router stats; {} when dense)."""
+    x = x + self.attn(self.attn_norm(x), angles, segment_ids, group_ids)
+    if self.moe:
+      y, stats = self.ffn(self.ffn_norm(x))
+    else:
+      y, stats = self.ffn(self.ffn_norm(x)), {}
+    return (x + y).astype(self.dtype), stats
+
+
+def _apply_block(block: Block, x, angles, segment_ids, group_ids):
+  return block(x, angles, segment_ids, group_ids)
+
+
+class BlockStack(nnx.Module):
+  """num_layers blocks of one kind, stacked + scanned or kept as a list + looped."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, num_layers: int, *, moe: bool,
+               rngs: nnx.Rngs):
+    self.scan = bool(cfg.scan_layers)
+    self.remat = bool(cfg.remat)
+    if self.scan:
+      @nnx.split_rngs(splits=num_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def create(layer_rngs: nnx.Rngs) -> Block:
+        return Block(cfg, moe=moe, rngs=layer_rngs)
+      self.layers = create(rngs)
+    else:
+      self.layers = nnx.List([Block(cfg, moe=moe, rngs=rngs) for _ in range(num_layers)])
+
+  def __call__(self, x: jax.Array, angles: jax.Array, segment_ids: jax.Array,
+               group_ids: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """x [batch, seq, embed] -> (x, per-layer stats stacked on a leading [layers] axis)."""
+    # graph_updates=False: blocks never mutate state in the forward pass, and the simple
+    # (pytree) mode also works when the model is merged inside a raw jax.grad / jax.jit.
+    apply = nnx.remat(_apply_block, graph_updates=False) if self.remat else _apply_block
+    if self.scan:
+      @nnx.scan(in_axes=(nnx.Carry, 0, None, None, None), out_axes=(nnx.Carry, 0),
+                graph_updates=False)
+      def body(h, block, angles, segment_ids, group_ids):
+        return apply(block, h, angles, segment_ids, group_ids)
+      return body(x, self.layers, angles, segment_ids, group_ids)
+    per_layer = []
+    for block in self.layers:
+      x, stats = apply(block, x, angles, segment_ids, group_ids)
+      per_layer.append(stats)
+    return x, jax.tree.map(lambda *s: jnp.stack(s), *per_layer)
+
+
+class Decoder(nnx.Module):
+  """Unified multimodal MoE decoder: (tokens, positions, segments, groups) -> logits, aux."""
+
+  def __init__(self, model_cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    cfg = model_cfg
+    dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
+    if not 0 <= cfg.num_dense_layers <= cfg.num_layers:
+      raise ConfigError(f"model.num_dense_layers={cfg.num_dense_layers} is not accepted: "
+                        f"expected 0..model.num_layers={cfg.num_layers}")
+    self.embed = Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
+                       rngs=rngs)
+    self.num_dense_layers = cfg.num_dense_layers
+    self.num_moe_layers = cfg.num_layers - cfg.num_dense_layers
+    # Each attribute is assigned once: None (static) when the stack or head is absent.
+    self.dense_layers = (BlockStack(cfg, self.num_dense_layers, moe=False, rngs=rngs)
+                         if self.num_dense_layers else None)
+    self.moe_layers = (BlockStack(cfg, self.num_moe_layers, moe=True, rngs=rngs)
+                       if self.num_moe_layers else None)
+    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype,
+                              param_dtype=param_dtype, rngs=rngs)
+    self.head = (None if cfg.tie_embeddings else
+                 OutputHead(cfg.d_model, cfg.vocab_size, param_dtype=param_dtype, rngs=rngs))
+    self.head_dim = cfg.head_dim
+    self.rope_sections = tuple(cfg.rope_sections)
+    self.rope_theta = float(cfg.rope_theta)
+    self.num_experts = cfg.num_experts
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+               group_ids: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Returns logits [batch, seq, vocab] float32 and the aux dict of the contract.
+
+    Args:
+      tokens: [batch, seq] int32.
+      positions: [batch, seq, 3] int32 (t, h, w) for Uni-RoPE.
+      segment_ids: [batch, seq] int32 packing segments.
+      group_ids: [batch, seq] int32; tokens of one nonzero group attend bidirectionally.
+    """
+    x = self.embed(tokens)  # [batch, seq, embed]
+    angles = rope.rope_angles(positions, head_dim=self.head_dim, sections=self.rope_sections,
+                              theta=self.rope_theta)  # [batch, seq, head_dim // 2]
+    if self.dense_layers is not None:
+      x, _ = self.dense_layers(x, angles, segment_ids, group_ids)
+    if self.moe_layers is not None:
+      x, stats = self.moe_layers(x, angles, segment_ids, group_ids)
+    else:
+      stats = {"expert_load": jnp.zeros((0, self.num_experts), jnp.float32),
+               "router_entropy": jnp.zeros((0,), jnp.float32),
+               "load_balance_loss": jnp.zeros((0,), jnp.float32),
+               "z_loss": jnp.zeros((0,), jnp.float32)}
+    x = self.final_norm(x)
+    logits = self.embed.attend(x) if self.head is None else self.head(x)
+    mean = lambda v: jnp.mean(v) if v.size else jnp.zeros((), jnp.float32)
+    aux = {"expert_load": stats["expert_load"],  # [moe_layers, experts]
+           "router_entropy": stats["router_entropy"],  # [moe_layers]
+           "load_balance_loss": mean(stats["load_balance_loss"]),
+           "z_loss": mean(stats["z_loss"])}
+    return logits, aux
+
+  def update_router_bias(self, expert_load: jax.Array, rate: float) -> None:
+    """Applies update_router_bias in place to every MoE layer; expert_load [moe_layers, E]."""
+    if self.moe_layers is None:
+      return
+    if self.moe_layers.scan:
+      bias = self.moe_layers.layers.ffn.router.bias  # [moe_layers, experts]
+      bias[...] = update_router_bias(bias[...], expert_load, rate)
+      return
+    for i, block in enumerate(self.moe_layers.layers):
+      bias = block.ffn.router.bias  # [experts]
+      bias[...] = update_router_bias(bias[...], expert_load[i], rate)

@@ -1,0 +1,112 @@
+"""Basic layers: parameter helper with logical axis names, RMSNorm, embedding, SwiGLU MLP.
+
+Every parameter carries logical axis names whose entries name its dimensions
+(`('embed', 'mlp')`, `('expert', 'embed', 'expert_mlp')`, ...). The names are metadata
+only (`out_sharding`, with eager sharding off): no mesh exists when a module is built;
+the sharding module (a later issue) maps the names to mesh axes through config rules,
+e.g. via `nnx.get_partition_spec(nnx.state(model))`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ernie5_jax.config import DTYPES
+
+
+def to_dtype(name: str) -> jnp.dtype:
+  """Maps a config dtype name ("float32", "bfloat16") to a jnp dtype."""
+  if name not in DTYPES:
+    raise ValueError(f"dtype={name!r} is not accepted: expected one of {DTYPES}")
+  return jnp.dtype(name)
+
+
+def fan_in_init(in_axis, out_axis, batch_axis=()) -> jax.nn.initializers.Initializer:
+  """N(0, 1 / fan_in) init (LeCun normal) for kernels whose fan-in spans several axes."""
+  return jax.nn.initializers.variance_scaling(
+      1.0, "fan_in", "normal", in_axis=in_axis, out_axis=out_axis,
+      batch_axis=batch_axis)
+
+
+def param(rngs: nnx.Rngs, init, shape: Sequence[int], names: Sequence[str],
+          dtype) -> nnx.Param:
+  """Creates an nnx.Param of `shape` tagged with one logical axis name per dimension."""
+  if len(names) != len(shape):
+    raise ValueError(f"param names={tuple(names)} do not match shape={tuple(shape)}: "
+                     "expected one logical axis name per dimension")
+  value = init(rngs.params(), tuple(shape), dtype)
+  return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square layer norm (Zhang & Sennrich 2019), computed in float32."""
+
+  def __init__(self, dim: int, *, eps: float, dtype, param_dtype, rngs: nnx.Rngs):
+    self.scale = param(rngs, jax.nn.initializers.ones, (dim,), ("embed",), param_dtype)
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:  # [..., embed]
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (x32 * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class Embed(nnx.Module):
+  """Token embedding; `attend` gives the tied output head (logits in float32).
+
+  Gemma-style scaling: the table is N(0, 1/d) so tied logits start at unit scale, and
+  looked-up embeddings are multiplied by sqrt(d) so the residual stream starts at unit RMS.
+  """
+
+  def __init__(self, vocab_size: int, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    init = jax.nn.initializers.normal(stddev=dim ** -0.5)
+    self.table = param(rngs, init, (vocab_size, dim), ("vocab", "embed"), param_dtype)
+    self.dtype = dtype
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:  # [batch, seq] -> [batch, seq, embed]
+    table = self.table[...]
+    x = jnp.take(table, tokens, axis=0).astype(self.dtype)
+    return x * jnp.asarray(table.shape[1] ** 0.5, self.dtype)
+
+  def attend(self, x: jax.Array) -> jax.Array:  # [batch, seq, embed] -> [batch, seq, vocab]
+    return jnp.einsum("BSD,VD->BSV", x, self.table[...].astype(x.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+class OutputHead(nnx.Module):
+  """Untied output projection to the vocabulary; logits in float32."""
+
+  def __init__(self, dim: int, vocab_size: int, *, param_dtype, rngs: nnx.Rngs):
+    self.kernel = param(rngs, fan_in_init(0, 1), (dim, vocab_size), ("embed", "vocab"),
+                        param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:  # [batch, seq, embed] -> [batch, seq, vocab]
+    return jnp.einsum("BSD,DV->BSV", x, self.kernel[...].astype(x.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+  """SwiGLU feed-forward (Shazeer 2020): (silu(x W_gate) * (x W_up)) W_down."""
+  hidden = jax.nn.silu(jnp.einsum("...D,DF->...F", x, w_gate)) * jnp.einsum(
+      "...D,DF->...F", x, w_up)  # [..., mlp]
+  return jnp.einsum("...F,FD->...D", hidden, w_down)
+
+
+class MLP(nnx.Module):
+  """Dense SwiGLU MLP: the dense first layers and the always-on shared experts."""
+
+  def __init__(self, dim: int, hidden: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    self.w_gate = param(rngs, fan_in_init(0, 1), (dim, hidden), ("embed", "mlp"), param_dtype)
+    self.w_up = param(rngs, fan_in_init(0, 1), (dim, hidden), ("embed", "mlp"), param_dtype)
+    self.w_down = param(rngs, fan_in_init(0, 1), (hidden, dim), ("mlp", "embed"), param_dtype)
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:  # [..., embed] -> [..., embed]
+    x = x.astype(self.dtype)
+    return swiglu(x, self.w_gate[...].astype(self.dtype), self.w_up[...].astype(self.dtype),
+                  self.w_down[...].astype(self.dtype))

@@ -1,0 +1,96 @@
+"""Attention op with backend selection: causal + packing + group-bidirectional masks.
+
+The unified sequence (DESIGN.md) needs one mask kind: position i may attend to j when
+both lie in the same packed segment and j is not in i's future, except that tokens of
+the same nonzero group (e.g. one vision scale) see each other in both directions:
+
+  allowed(i, j) = seg[i] == seg[j] and (j <= i or (grp[i] == grp[j] and grp[i] != 0))
+
+Only the plain-XLA backend exists for now; "auto" resolves to it on every platform.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+ATTENTION_BACKENDS = ("auto", "xla")
+
+
+def make_mask(segment_ids: jax.Array, group_ids: jax.Array) -> jax.Array:
+  """Returns the boolean attention mask [batch, q_seq, kv_seq] of the unified sequence."""
+  seg_q, seg_k = segment_ids[:, :, None], segment_ids[:, None, :]  # [B, T, 1], [B, 1, S]
+  grp_q, grp_k = group_ids[:, :, None], group_ids[:, None, :]
+  seq_len = segment_ids.shape[1]
+  causal = jnp.arange(seq_len)[None, :, None] >= jnp.arange(seq_len)[None, None, :]  # [1, T, S]
+  same_group = (grp_q == grp_k) & (grp_q != 0)
+  return (seg_q == seg_k) & (causal | same_group)  # [B, T, S]
+
+
+def _resolve_backend(backend: str) -> str:
+  if backend not in ATTENTION_BACKENDS:
+    raise ValueError(f"attention backend={backend!r} is not accepted: expected one of "
+                     f"{ATTENTION_BACKENDS}")
+  return "xla" if backend == "auto" else backend
+
+
+def _check_shapes(q, k, v, segment_ids, group_ids) -> None:
+  if q.ndim != 4 or k.shape != v.shape or k.ndim != 4:
+    raise ValueError(f"attention expects q [B, S, H, Dh] and k, v [B, S, KV, Dh]; got "
+                     f"q.shape={q.shape}, k.shape={k.shape}, v.shape={v.shape}")
+  batch, seq, heads, head_dim = q.shape
+  if k.shape[0] != batch or k.shape[1] != seq or k.shape[3] != head_dim:
+    raise ValueError(f"attention k.shape={k.shape} does not match q.shape={q.shape} "
+                     f"(expected [B={batch}, S={seq}, KV, Dh={head_dim}])")
+  if heads % k.shape[2]:
+    raise ValueError(f"attention kv_heads={k.shape[2]} is not accepted: expected a divisor "
+                     f"of q heads={heads}")
+  for name, ids in (("segment_ids", segment_ids), ("group_ids", group_ids)):
+    if ids.shape != (batch, seq):
+      raise ValueError(f"attention {name}.shape={ids.shape} is not accepted: expected "
+                       f"[batch, seq]={(batch, seq)}")
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Masked softmax attention in plain XLA; K/V heads are shared by query groups (GQA).
+
+  Args:
+    q: [batch, q_seq, heads, head_dim].
+    k, v: [batch, kv_seq, kv_heads, head_dim]; heads = kv_heads * groups, and query
+      head h reads kv head h // groups (no repeated K/V is materialised).
+    mask: [batch, q_seq, kv_seq] bool; every query row must allow at least one key.
+
+  Returns:
+    [batch, q_seq, heads, head_dim] in q's dtype.
+  """
+  batch, q_len, heads, head_dim = q.shape
+  kv_heads = k.shape[2]
+  qg = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)  # [B, T, K, G, D]
+  logits = jnp.einsum("BTKGD,BSKD->BKGTS", qg, k,
+                      preferred_element_type=jnp.float32)  # [B, K, G, T, S]
+  logits = logits * (head_dim ** -0.5)
+  # A finite floor (not -inf) keeps gradients NaN-free even for masked entries.
+  logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum("BKGTS,BSKD->BTKGD", probs.astype(v.dtype), v)  # [B, T, K, G, D]
+  return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array,
+              group_ids: jax.Array, backend: str = "auto") -> jax.Array:
+  """Grouped-query attention under the unified-sequence mask (see module docstring).
+
+  Args:
+    q: [batch, seq, heads, head_dim].
+    k, v: [batch, seq, kv_heads, head_dim], heads % kv_heads == 0.
+    segment_ids: [batch, seq] int32 packing segments.
+    group_ids: [batch, seq] int32; 0 = no group (causal), nonzero = bidirectional group.
+    backend: one of ATTENTION_BACKENDS; "auto" picks the best for the platform.
+
+  Returns:
+    [batch, seq, heads, head_dim] in q's dtype.
+  """
+  _check_shapes(q, k, v, segment_ids, group_ids)
+  backend = _resolve_backend(backend)
+  del backend  # Only "xla" so far; Pallas backends plug in here.
+  return xla_attention(q, k, v, make_mask(segment_ids, group_ids))

@@ -1,0 +1,104 @@
+"""Tests for ernie5_jax.ops.attention against a naive per-query softmax loop."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ernie5_jax.ops import attention as attention_ops
+
+BATCH, SEQ, HEAD_DIM = 2, 8, 8
+
+# (segment_ids, group_ids) per mask kind; row 1 differs from row 0 to exercise batching.
+MASKS = {
+    "causal": ([[1] * 8, [1] * 8], [[0] * 8, [0] * 8]),
+    "segments": ([[1, 1, 1, 2, 2, 2, 2, 3], [1, 1, 1, 1, 1, 2, 2, 0]], [[0] * 8, [0] * 8]),
+    "groups": ([[1] * 8, [1] * 8], [[0, 1, 1, 1, 0, 2, 2, 0], [3, 3, 0, 0, 4, 4, 4, 4]]),
+    # Group id 1 appears in both segments of row 0: groups must not cross segments.
+    "combined": ([[1, 1, 1, 1, 2, 2, 2, 2], [1, 1, 2, 2, 2, 2, 2, 0]],
+                 [[0, 1, 1, 0, 1, 1, 0, 0], [0, 0, 5, 5, 0, 6, 6, 0]]),
+}
+
+
+def naive_allowed(seg, grp, i, j):
+  return seg[i] == seg[j] and (j <= i or (grp[i] == grp[j] and grp[i] != 0))
+
+
+def naive_attention(q, k, v, seg, grp):
+  """Per (batch, head, query) loop: softmax over the allowed keys only."""
+  batch, seq, heads, head_dim = q.shape
+  groups = heads // k.shape[2]
+  out = np.zeros_like(q)
+  for b in range(batch):
+    for h in range(heads):
+      kv = h // groups
+      for i in range(seq):
+        keys = [j for j in range(seq) if naive_allowed(seg[b], grp[b], i, j)]
+        logits = np.array([q[b, i, h] @ k[b, j, kv] for j in keys]) / np.sqrt(head_dim)
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        out[b, i, h] = sum(pj * v[b, j, kv] for pj, j in zip(p, keys))
+  return out
+
+
+attention_jit = jax.jit(attention_ops.attention, static_argnames="backend")
+
+
+@pytest.fixture(scope="module", params=[(4, 2), (4, 1), (2, 2)], ids=lambda p: f"H{p[0]}KV{p[1]}")
+def qkv(request):
+  heads, kv_heads = request.param
+  rng = np.random.default_rng(heads * 10 + kv_heads)
+  q = rng.normal(size=(BATCH, SEQ, heads, HEAD_DIM)).astype(np.float32)
+  k = rng.normal(size=(BATCH, SEQ, kv_heads, HEAD_DIM)).astype(np.float32)
+  v = rng.normal(size=(BATCH, SEQ, kv_heads, HEAD_DIM)).astype(np.float32)
+  return q, k, v
+
+
+@pytest.mark.parametrize("kind", list(MASKS))
+def test_make_mask_matches_rule(kind):
+  seg, grp = (np.array(a, np.int32) for a in MASKS[kind])
+  mask = np.asarray(attention_ops.make_mask(jnp.asarray(seg), jnp.asarray(grp)))
+  assert mask.shape == (BATCH, SEQ, SEQ) and mask.dtype == bool
+  expected = np.array([[[naive_allowed(seg[b], grp[b], i, j) for j in range(SEQ)]
+                        for i in range(SEQ)] for b in range(BATCH)])
+  np.testing.assert_array_equal(mask, expected)
+
+
+@pytest.mark.parametrize("kind", list(MASKS))
+def test_attention_matches_naive(qkv, kind):
+  q, k, v = qkv
+  seg, grp = (np.array(a, np.int32) for a in MASKS[kind])
+  out = attention_jit(q, k, v, segment_ids=seg, group_ids=grp)
+  assert out.shape == q.shape and out.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(out), naive_attention(q, k, v, seg, grp),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_causal_mask_matches_lower_triangle():
+  seg, grp = (np.array(a, np.int32) for a in MASKS["causal"])
+  mask = np.asarray(attention_ops.make_mask(jnp.asarray(seg), jnp.asarray(grp)))
+  np.testing.assert_array_equal(mask[0], np.tril(np.ones((SEQ, SEQ), bool)))
+
+
+def test_bfloat16_keeps_dtype():
+  rng = np.random.default_rng(5)
+  q, k, v = (jnp.asarray(rng.normal(size=(BATCH, SEQ, h, HEAD_DIM)), jnp.bfloat16)
+             for h in (4, 2, 2))
+  seg, grp = (np.array(a, np.int32) for a in MASKS["combined"])
+  out = attention_jit(q, k, v, segment_ids=seg, group_ids=grp)
+  assert out.dtype == jnp.bfloat16
+  ref = naive_attention(*(np.asarray(a, np.float32) for a in (q, k, v)), seg, grp)
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=5e-2, rtol=5e-2)
+
+
+def test_errors_name_the_argument():
+  q = jnp.zeros((1, 4, 3, 8))
+  kv = jnp.zeros((1, 4, 2, 8))
+  ids = jnp.zeros((1, 4), jnp.int32)
+  with pytest.raises(ValueError, match="kv_heads=2"):
+    attention_ops.attention(q, kv, kv, segment_ids=ids, group_ids=ids)
+  q = jnp.zeros((1, 4, 2, 8))
+  with pytest.raises(ValueError, match="backend='pallas'"):
+    attention_ops.attention(q, kv, kv, segment_ids=ids, group_ids=ids, backend="pallas")
+  with pytest.raises(ValueError, match="group_ids.shape"):
+    attention_ops.attention(q, kv, kv, segment_ids=ids, group_ids=ids[:, :2])
