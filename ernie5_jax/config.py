@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 def default_config() -> ml_collections.ConfigDict:
   """Returns the base config; experiment files override fields of it."""
   c = ml_collections.ConfigDict()
-  c.seed = 0  # Seeds parameter init and the data order.
+  c.seed = 0  # Seeds parameter init and the synthetic examples' content (data.shuffle_seed: their order).
 
   # --- model: the unified MoE decoder (ernie5_jax/model) ----------------------
   m = c.model = ml_collections.ConfigDict()
@@ -169,3 +169,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f"{config.train.num_steps}")
   if config.optimizer.min_lr_ratio > 1:
     _fail("optimizer.min_lr_ratio", config.optimizer.min_lr_ratio, "expected <= 1")
+  if config.data.source == "synthetic" and config.data.num_modalities > 2:
+    _fail("data.num_modalities", config.data.num_modalities,
+          "the synthetic source makes 1 (text) or 2 (text, image)")

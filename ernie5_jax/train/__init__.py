@@ -1,0 +1,1 @@
+"""Training: optimizer, train state and step, checkpoints (orbax + grain), the trainer loop."""

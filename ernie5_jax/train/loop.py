@@ -1,0 +1,179 @@
+"""The trainer: one linear function, cut into labelled sections (after big_vision's train.py).
+
+Metrics are fetched from the device only every train.log_every steps and before
+every checkpoint; each fetch checks every step since the last one for a
+non-finite loss, so a bad state is never saved and the error names the first
+bad step.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ernie5_jax import config as config_lib
+from ernie5_jax import input_pipeline
+from ernie5_jax.train import checkpoint, optimizer
+from ernie5_jax.train import state as state_lib
+from ernie5_jax.train import step as step_lib
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or infinite."""
+
+
+def _mesh(global_batch_size: int) -> Mesh:
+  """One 'data' axis over every device: batch rows split, state replicated (data parallel)."""
+  devices = jax.devices()
+  if global_batch_size % len(devices):
+    raise ValueError(f"config.data.global_batch_size={global_batch_size} is not accepted: "
+                     f"expected a multiple of the device count ({len(devices)})")
+  return Mesh(np.asarray(devices), ("data",))
+
+
+def _to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  """This process's rows -> global jax.Arrays (one call for one or many processes)."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def _check_finite(pending: list[tuple[int, dict[str, Any]]], manager) -> None:
+  """Raises NonFiniteLossError at the first step whose loss or new parameters are not finite."""
+  for step, metrics in pending:
+    loss = float(metrics["loss"])
+    if np.isfinite(loss) and metrics["params_finite"]:
+      continue
+    manager.wait_until_finished()  # Let the last good checkpoint commit.
+    latest = manager.latest_step()
+    kept = (f"the last good checkpoint (step {latest}) in {manager.directory} is kept"
+            if latest is not None else "no checkpoint had been written yet")
+    what = (f"non-finite loss ({loss})" if not np.isfinite(loss) else
+            f"non-finite parameters after the update (loss {loss:.4g})")
+    raise NonFiniteLossError(
+        f"{what} at step {step}: stopping without saving this state; {kept}. "
+        "Lower config.optimizer.learning_rate or check the data.")
+
+
+def _summarize(history: list[tuple[int, dict[str, Any]]]) -> dict[str, float]:
+  """Averages per-step metrics; per-modality losses weighted by their token counts."""
+  names = history[0][1].keys()
+  out = {}
+  for name in names:
+    if name.startswith("tokens/") or name == "params_finite":
+      continue
+    values = np.array([m[name] for _, m in history], np.float64)
+    if name.startswith("loss/"):
+      counts = np.array([m["tokens/" + name[len("loss/"):]] for _, m in history], np.float64)
+      if counts.sum() > 0:  # Only modalities present in the interval.
+        out[name] = float(np.sum(values * counts) / counts.sum())
+    else:
+      out[name] = float(values.mean())
+  return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState:
+  """Trains config from the latest checkpoint in workdir (or from scratch) to train.num_steps."""
+  config_lib.validate(config)  # Before anything is built or compiled.
+  t = config.train
+
+  # --- logging -------------------------------------------------------------
+  checkpoint.ensure_writable(workdir)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  logging.info("workdir: %s\nconfig:\n%s", workdir, config)
+
+  # --- input ---------------------------------------------------------------
+  data_iter = input_pipeline.create_train_iterator(config)
+  mesh = _mesh(config.data.global_batch_size)
+  data_sharding = NamedSharding(mesh, PartitionSpec("data"))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  tokens_per_step = config.data.global_batch_size * config.data.seq_len
+
+  # --- model + optimizer ---------------------------------------------------
+  tx, schedule = optimizer.create_optimizer(config)
+  graphdef, abstract = state_lib.abstract_train_state(config, tx)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                          abstract)
+
+  # --- checkpoint (restore the latest, else initialise) -------------------
+  manager = checkpoint.create_manager(workdir, keep=t.keep_checkpoints,
+                                      async_save=t.async_checkpoints)
+  state = checkpoint.restore(manager, abstract, data_iter)
+  if state is None:
+    _, state = state_lib.init_train_state(config, tx, sharding=replicated)
+    logging.info("Initialised a new model: %d parameters.", state_lib.num_params(state.params))
+  else:
+    logging.info("Resumed from the checkpoint at step %d in %s.", int(state.step),
+                 manager.directory)
+  start_step = int(state.step)
+  if start_step >= t.num_steps:
+    logging.info("Nothing to do: the checkpoint at step %d already reached "
+                 "config.train.num_steps=%d.", start_step, t.num_steps)
+    manager.close()
+    writer.close()
+    return state
+  if start_step == 0:
+    writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                          for k, v in _flatten(config.to_dict()).items()})
+
+  # --- step ----------------------------------------------------------------
+  train_step = step_lib.make_train_step(config, graphdef, tx, schedule)
+
+  # --- loop ----------------------------------------------------------------
+  report = periodic_actions.ReportProgress(num_train_steps=t.num_steps, writer=writer,
+                                           every_steps=t.log_every)
+  hooks = [report]
+  if t.profile_steps and jax.process_index() == 0:
+    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=t.profile_steps,
+                                          first_profile=start_step + 5))
+  unchecked, history = [], []  # Device metrics not yet checked / not yet written.
+  interval_start, interval_steps = time.perf_counter(), 0
+  try:
+    for step in range(start_step + 1, t.num_steps + 1):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = _to_global(next(data_iter), data_sharding)
+        state, metrics = train_step(state, batch)
+      unchecked.append((step, metrics))
+      interval_steps += 1
+      for hook in hooks:
+        hook(step)
+
+      is_log = step % t.log_every == 0 or step == t.num_steps
+      is_save = step % t.checkpoint_every == 0 or step == t.num_steps
+      if is_log or is_save:
+        fetched = jax.device_get(unchecked)
+        _check_finite(fetched, manager)
+        history += fetched
+        unchecked = []
+      if is_log:
+        elapsed = time.perf_counter() - interval_start
+        summary = _summarize(history)
+        summary["perf/tokens_per_sec"] = interval_steps * tokens_per_step / elapsed
+        writer.write_scalars(step, summary)
+        history, interval_start, interval_steps = [], time.perf_counter(), 0
+      if is_save:
+        with report.timed("checkpoint", wait_jax_async_dispatch=False):
+          checkpoint.save(manager, state, data_iter)
+  finally:
+    manager.wait_until_finished()  # Async saves finish (or fail loudly) before returning.
+    manager.close()
+    writer.flush()
+    writer.close()
+  logging.info("Finished training at step %d; checkpoints in %s.", int(state.step),
+               manager.directory)
+  return state
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out

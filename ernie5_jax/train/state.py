@@ -1,0 +1,81 @@
+"""The train state: the model split into (static graphdef, parameters, other variables).
+
+The model is `nnx.split(model, nnx.Param, ...)`: gradients and the optimizer see
+only the nnx.Param leaves; everything else (RouterBias, ...) rides along in
+`rest` and is updated by the train step without gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx, struct
+
+from ernie5_jax.model.decoder import Decoder
+
+
+@struct.dataclass
+class TrainState:
+  """Everything that changes during training; a pytree (donated to the train step)."""
+  step: jax.Array  # [] int32: optimizer steps completed.
+  params: nnx.State  # nnx.Param variables.
+  rest: nnx.State  # Non-trainable variables (RouterBias, ...).
+  opt_state: optax.OptState
+
+  def model_state(self) -> nnx.State:
+    """The full model state (params + rest), as nnx.state(model) would give it."""
+    return nnx.State.merge(self.params, self.rest)
+
+  def to_checkpoint(self) -> dict[str, Any]:
+    """The {'model', 'optimizer', 'step'} pytrees written to a checkpoint."""
+    return {"model": self.model_state(), "optimizer": self.opt_state, "step": self.step}
+
+  @classmethod
+  def from_checkpoint(cls, items: dict[str, Any]) -> TrainState:
+    """Inverse of to_checkpoint."""
+    params, rest = items["model"].split(nnx.Param, ...)
+    return cls(step=jnp.asarray(items["step"], jnp.int32), params=params, rest=rest,
+               opt_state=items["optimizer"])
+
+
+def create_model(config: ml_collections.ConfigDict) -> Decoder:
+  """Builds the decoder with parameters drawn from config.seed."""
+  return Decoder(config.model, rngs=nnx.Rngs(config.seed))
+
+
+def _new_state(model: Decoder, tx: optax.GradientTransformation) -> TrainState:
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
+                    opt_state=tx.init(params))
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation
+                         ) -> tuple[nnx.GraphDef, TrainState]:
+  """Returns (graphdef, TrainState of jax.ShapeDtypeStruct leaves); computes nothing."""
+  graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: create_model(config)), nnx.Param,
+                                     ...)
+  return graphdef, TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                              rest=rest, opt_state=jax.eval_shape(tx.init, params))
+
+
+def init_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+                     *, sharding: jax.sharding.Sharding | None = None
+                     ) -> tuple[nnx.GraphDef, TrainState]:
+  """Returns (graphdef, new TrainState), created inside one jit, already placed per sharding."""
+  graphdef, _ = abstract_train_state(config, tx)
+  placement = {} if sharding is None else {"out_shardings": sharding}
+  # Init runs once: on CPU, XLA's backend optimisations cost more compile time (~3x for the
+  # tiny model) than they save at run time.
+  if jax.default_backend() == "cpu":
+    placement["compiler_options"] = {"xla_backend_optimization_level": 0}
+  init = jax.jit(lambda: _new_state(create_model(config), tx), **placement)
+  return graphdef, init()
+
+
+def num_params(params: Any) -> int:
+  """Total number of parameter elements in a pytree."""
+  return sum(int(x.size) for x in jax.tree.leaves(params))

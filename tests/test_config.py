@@ -1,0 +1,78 @@
+"""Config errors name the field, the value and what is accepted: validate() and CLI overrides."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ernie5_jax import config as config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*overrides):
+  """Runs the CLI's flag parsing + validation (they exit before JAX is imported)."""
+  proc = subprocess.run(
+      [sys.executable, "-m", "ernie5_jax.main", "--config=experiments/tiny.py",
+       "--workdir=/nonexistent/never_created", *overrides],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  return proc.returncode, proc.stderr
+
+
+def test_default_and_tiny_configs_are_valid():
+  config_lib.validate(config_lib.default_config())
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("model.top_k", 9, r"config.model.top_k=9 is not accepted: expected <= model.num_experts=8"),
+    ("model.num_heads", 3,
+     r"config.model.num_kv_heads=2 is not accepted: expected a divisor of model.num_heads=3"),
+    ("model.head_dim", 24, r"config.model.head_dim=24 is not accepted: expected "
+                           r"model.num_heads \* model.head_dim == model.d_model"),
+    ("model.rope_sections", (8, 4, 2), r"config.model.rope_sections=\(8, 4, 2\) is not "
+                                       r"accepted: expected 3 non-negative ints"),
+    ("model.rope_sections", (16,), r"config.model.rope_sections=\(16,\)"),
+    ("model.moe_dispatch", "magic", r"config.model.moe_dispatch='magic' is not accepted: "
+                                    r"expected one of"),
+    ("data.global_batch_size", 0, r"config.data.global_batch_size=0 is not accepted"),
+    ("data.num_modalities", 3, r"config.data.num_modalities=3 is not accepted: the synthetic "
+                               r"source makes 1 \(text\) or 2 \(text, image\)"),
+])
+def test_validate_names_the_field(field, value, message):
+  config = config_lib.default_config()
+  group, name = field.split(".")
+  config[group][name] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(config)
+
+
+def test_heads_that_do_not_divide_d_model_are_rejected():
+  config = config_lib.default_config()
+  config.model.update(d_model=130)  # 4 heads * 32 != 130
+  with pytest.raises(config_lib.ConfigError, match=r"config.model.head_dim=32 .*4 \* 32 != 130"):
+    config_lib.validate(config)
+
+
+def test_cli_unknown_key_names_the_flag_and_suggests_the_field():
+  code, err = _cli("--config.model.topk=1")
+  assert code == 1
+  assert ("error: --config.model.topk is not accepted: config.model has no field 'topk'; "
+          "did you mean 'top_k'?") in err
+  assert "Traceback" not in err
+  code, err = _cli("--config.trian.num_steps=1")
+  assert code == 1 and "config has no field 'trian'; did you mean 'train'?" in err
+
+
+def test_cli_wrong_type_names_the_flag():
+  code, err = _cli("--config.model.top_k=two")
+  assert code == 1
+  assert "flag --config.model.top_k=two: invalid literal for int()" in err
+  assert "Traceback" not in err
+
+
+def test_cli_validation_runs_before_anything_is_built():
+  code, err = _cli("--config.model.top_k=9")
+  assert code == 1
+  assert "error: config.model.top_k=9 is not accepted: expected <= model.num_experts=8" in err
+  assert not os.path.exists("/nonexistent/never_created")

@@ -1,0 +1,142 @@
+"""End-to-end tests of the CLI: `python -m ernie5_jax.main` in subprocesses, real Decoder."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_STEPS = 40
+# The tiny shape of tests/train/conftest.py: d_model 32, 1 dense + 1 MoE layer, 4 experts.
+TINY_FLAGS = [
+    "--config=experiments/tiny.py",
+    "--config.model.vocab_size=128", "--config.model.d_model=32", "--config.model.num_heads=2",
+    "--config.model.num_kv_heads=1", "--config.model.head_dim=16",
+    "--config.model.rope_sections=(4,2,2)", "--config.model.num_layers=2",
+    "--config.model.num_dense_layers=1", "--config.model.num_experts=4",
+    "--config.model.num_shared_experts=0", "--config.model.expert_hidden=16",
+    "--config.model.dense_hidden=64", "--config.data.seq_len=16",
+    "--config.data.global_batch_size=4", "--config.optimizer.warmup_steps=2",
+    f"--config.train.num_steps={NUM_STEPS}", "--config.train.checkpoint_every=4",
+    "--config.train.log_every=4",
+]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  """Subprocess environment; the runs of one test share a persistent compilation cache."""
+  cache = tmp_path_factory.mktemp("jax_cache")
+  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+
+def _command(workdir, *extra):
+  return [sys.executable, "-m", "ernie5_jax.main", *TINY_FLAGS, f"--workdir={workdir}", *extra]
+
+
+def _run(env, workdir, *extra, check=True):
+  proc = subprocess.run(_command(workdir, *extra), cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=300)
+  if check and proc.returncode:
+    raise AssertionError(f"exit {proc.returncode}:\n{proc.stderr[-4000:]}")
+  return proc
+
+
+def _committed_steps(workdir):
+  ckpt = os.path.join(workdir, "checkpoints")
+  names = os.listdir(ckpt) if os.path.isdir(ckpt) else []
+  return sorted(int(n) for n in names if n.isdigit())  # tmp dirs carry a suffix
+
+
+def _model_params(workdir, step):
+  path = os.path.join(workdir, "checkpoints", str(step), "model")
+  return ocp.StandardCheckpointer().restore(path)
+
+
+def _mtimes(workdir):
+  return {s: os.path.getmtime(os.path.join(workdir, "checkpoints", str(s)))
+          for s in _committed_steps(workdir)}
+
+
+def _flat(tree, prefix=""):
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}/"))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+@pytest.mark.slow
+def test_run_sigkill_resume_and_rerun(env, tmp_path):
+  """One test, so the uninterrupted reference run is made once whatever the xdist split."""
+  # 1. An uninterrupted run: progress, metrics, TensorBoard events, checkpoints.
+  reference = str(tmp_path / "reference")
+  log = _run(env, reference).stderr
+  assert _committed_steps(reference) == [32, 36, 40]  # keep_checkpoints=3
+  assert any(n.startswith("events.out.tfevents") for n in os.listdir(reference))
+  assert re.search(r"steps/s, 100.0% \(40/40\)", log)
+  assert "perf/tokens_per_sec" in log and "router/load_imbalance" in log
+  assert "Initialised a new model" in log and "Finished training at step 40" in log
+  losses = [float(x) for x in re.findall(r"\] ce_loss=([0-9.]+)", log)]
+  assert len(losses) == NUM_STEPS // 4 and losses[-1] < losses[0]
+
+  # 2. The same run killed with SIGKILL after its first checkpoint, then restarted.
+  killed = str(tmp_path / "killed")
+  proc = subprocess.Popen(_command(killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.monotonic() + 240
+    while not _committed_steps(killed):
+      assert proc.poll() is None, "the run ended before its first checkpoint"
+      assert time.monotonic() < deadline, "no checkpoint within 240 s"
+      time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+  finally:
+    proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL
+  assert max(_committed_steps(killed)) < NUM_STEPS
+  log = _run(env, killed).stderr
+  resumed = int(re.search(r"Resumed from the checkpoint at step (\d+)", log).group(1))
+  assert 0 < resumed < NUM_STEPS
+  logged = [int(x) for x in re.findall(r"\[(\d+)\] ce_loss", log)]
+  assert logged and min(logged) > resumed  # no step before the checkpoint is trained again
+  assert f"Finished training at step {NUM_STEPS}" in log
+  # Same final parameters (and router biases) as the uninterrupted run.
+  want = _flat(_model_params(reference, NUM_STEPS))
+  got = _flat(_model_params(killed, NUM_STEPS))
+  assert got.keys() == want.keys()
+  for path, value in want.items():
+    np.testing.assert_allclose(np.asarray(got[path]), np.asarray(value), rtol=0, atol=1e-6,
+                               err_msg=path)
+
+  # 3. Running the finished workdir again resumes at step 40 and trains nothing.
+  mtimes = _mtimes(reference)
+  log = _run(env, reference).stderr
+  assert "Resumed from the checkpoint at step 40" in log
+  assert ("Nothing to do: the checkpoint at step 40 already reached "
+          "config.train.num_steps=40") in log
+  assert "Initialised a new model" not in log and "ce_loss" not in log
+  assert _mtimes(reference) == mtimes
+
+
+def test_unwritable_workdir_is_a_clear_error(env, tmp_path):
+  (tmp_path / "file").write_text("")
+  proc = _run(env, tmp_path / "file" / "run", check=False)
+  assert proc.returncode == 1
+  assert re.search(r"error: WorkdirError: --workdir=.*file/run' is not accepted: expected a "
+                   r"directory this process can create and write", proc.stderr)
+  assert "Traceback" not in proc.stderr
+
+
+def test_unknown_mode_lists_accepted_modes(env, tmp_path):
+  proc = _run(env, tmp_path, "--mode=export", check=False)
+  assert proc.returncode == 1
+  assert "flag --mode=export: value should be one of <train>" in proc.stderr
