@@ -24,6 +24,8 @@ setuptools.setup(
         "absl-py",
         "matplotlib",
         "sentencepiece",
+        "scikit-learn",  # Bundled 8x8 digits (embedded dataset) and k-means codebooks.
     ],
+    package_data={"ernie5_jax.input_pipeline.tokenizers": ["assets/*.model"]},
     extras_require={"test": ["pytest>=8", "pytest-xdist>=3"]},
 )

@@ -1,0 +1,1 @@
+"""TFDS builder: scikit-learn digits as images, moving-digit videos, keypad tones and text."""

@@ -1,0 +1,1 @@
+"""TFDS builder: English prose paragraphs from the Python standard library's docstrings."""
