@@ -15,7 +15,14 @@ import ml_collections
 MOE_DISPATCH_BACKENDS = ("auto", "gather", "ragged_dot", "capacity")
 ROUTER_SCORES = ("softmax", "sigmoid")
 DTYPES = ("float32", "bfloat16")
-DATA_SOURCES = ("synthetic",)
+# data.source: also "tfds:NAME[/CONFIG]" or "seqio:NAME" (text only, seqio_tasks.py).
+DATA_SOURCES = ("synthetic", "digits_multimodal")
+TEXT_SOURCE_PREFIXES = ("tfds:", "seqio:")
+LOSS_WEIGHTINGS = ("posterior", "uniform")
+# Task weights of the embedded multimodal data (input_pipeline/sequence.py TASKS + "text");
+# text_to_video is on, so that video has a (generation) loss too.
+DEFAULT_TASKS = {"caption_to_image": 1.0, "image_to_caption": 1.0, "video_to_text": 1.0,
+                 "audio_to_text": 1.0, "text_to_audio": 1.0, "text_to_video": 1.0, "text": 1.0}
 
 
 class ConfigError(ValueError):
@@ -29,7 +36,11 @@ def default_config() -> ml_collections.ConfigDict:
 
   # --- model: the unified MoE decoder (ernie5_jax/model) ----------------------
   m = c.model = ml_collections.ConfigDict()
-  m.vocab_size = 512  # One vocabulary for all modalities (text, image, audio codes).
+  # One vocabulary for all modalities (text, image, audio level-1 codes, specials). With a
+  # file-backed data.source it must equal the data's: validate checks it against
+  # input_pipeline.multimodal.vocabulary_layout(config.data).vocab_size, from which
+  # experiments set it (experiments/tiny.py).
+  m.vocab_size = 512
   m.d_model = 128  # Residual-stream width.
   m.num_layers = 2  # Decoder blocks, dense first layers included.
   m.num_heads = 4  # Query heads.
@@ -53,6 +64,12 @@ def default_config() -> ml_collections.ConfigDict:
   m.remat = False  # Rematerialise each block in the backward pass.
   m.dtype = "float32"  # Activation / compute dtype.
   m.param_dtype = "float32"  # Parameter storage dtype.
+  # Audio codec levels K the model reads and predicts (next-codec prediction, DESIGN.md): level 1
+  # is a vocabulary token; levels 2..K are summed into the input embedding and predicted by the
+  # audio heads. 1 = no audio heads. At most the data's codec levels (4 for digits_multimodal).
+  m.audio_levels = 4
+  m.audio_codebook_size = 128  # Codes per audio level; must equal the data's codec.
+  m.audio_head_hidden = 256  # SwiGLU hidden width of each audio head (ernie5_jax/model/heads.py).
 
   # --- router balancing -----------------------------------------------------
   r = c.router = ml_collections.ConfigDict()
@@ -62,11 +79,36 @@ def default_config() -> ml_collections.ConfigDict:
 
   # --- data -----------------------------------------------------------------
   d = c.data = ml_collections.ConfigDict()
-  d.source = "synthetic"  # Only "synthetic" for now: a deterministic token source.
+  # "synthetic": a deterministic token source (no files; the unit tests' source);
+  # "digits_multimodal": the embedded multimodal data (data/digits_multimodal + stdlib_text,
+  # built on first use; experiments/tiny.py); "tfds:NAME[/CONFIG]" / "seqio:NAME": text only
+  # from any TFDS dataset prepared as ArrayRecord or a registered seqio task/mixture.
+  d.source = "synthetic"
   d.seq_len = 64  # Tokens per packed example.
   d.global_batch_size = 8  # Examples per optimizer step, summed over processes.
   d.num_modalities = 2  # Modalities the synthetic source interleaves (for per-modality metrics).
-  d.shuffle_seed = 0  # Seeds the synthetic source's record order.
+  d.shuffle_seed = 0  # Seeds the record order (and multimodal task draws and packing).
+  # The fields below are read by the embedded / TFDS / seqio sources only.
+  d.data_dir = ""  # TFDS data_dir; "" -> $ERNIE5_DATA_DIR or ~/.cache/ernie5_jax/data.
+  d.dataset = "digits_multimodal"  # Embedded multimodal TFDS dataset ("name[/config]").
+  # Relative weight of each document kind: digits tasks and plain stdlib_text ("text").
+  d.tasks = ml_collections.ConfigDict(DEFAULT_TASKS)
+  d.image_scales = (1, 2, 4)  # Image-tokenizer scales put in the stream (a prefix of 1, 2, 4, 8).
+  d.video_scales = (1, 2, 4)  # The same, per video frame.
+  d.video_frames = 2  # Frames kept per clip (evenly spaced).
+  d.skip_corrupt = False  # Skip (and count) unreadable records instead of raising.
+
+  # --- objective: next-group-of-tokens (ernie5_jax/train/objective.py) ------
+  ob = c.objective = ml_collections.ConfigDict()
+  # Multi-token-prediction modules on text (DeepSeek-V3, arXiv 2412.19437 Sec. 2.2); 0 disables.
+  ob.mtp_depth = 1
+  ob.mtp_weight = 0.3  # lambda of the MTP loss (mean over depths), added to the text loss.
+  # Weight of each audio head's loss, levels 2..K (length model.audio_levels - 1).
+  ob.audio_level_weights = (1.0, 1.0, 1.0)
+  # "posterior": rescale each modality's loss by ema_mean / ema_m (a running estimate of each
+  # modality's loss, in the model's non-trainable state); "uniform": no rescaling.
+  ob.loss_weighting = "posterior"
+  ob.loss_ema_decay = 0.98  # Decay of those running estimates (per step the modality is seen).
 
   # --- optimizer (optax AdamW, warmup-stable-decay) ------------------------
   o = c.optimizer = ml_collections.ConfigDict()
@@ -96,7 +138,7 @@ _CHOICES = {
     "model.router_score": ROUTER_SCORES,
     "model.dtype": DTYPES,
     "model.param_dtype": DTYPES,
-    "data.source": DATA_SOURCES,
+    "objective.loss_weighting": LOSS_WEIGHTINGS,
 }
 
 _POSITIVE = (
@@ -104,7 +146,8 @@ _POSITIVE = (
     "model.num_kv_heads", "model.head_dim", "model.num_experts",
     "model.expert_hidden", "model.top_k", "model.dense_hidden",
     "model.rope_theta", "model.capacity_factor", "model.norm_eps",
-    "data.seq_len", "data.global_batch_size", "data.num_modalities",
+    "data.seq_len", "data.global_batch_size", "data.num_modalities", "data.video_frames",
+    "model.audio_levels", "model.audio_codebook_size", "model.audio_head_hidden",
     "optimizer.learning_rate", "train.num_steps", "train.log_every",
     "train.checkpoint_every", "train.keep_checkpoints",
 )
@@ -114,6 +157,7 @@ _NON_NEGATIVE = (
     "router.bias_update_rate", "router.load_balance_weight", "router.z_loss_weight",
     "optimizer.warmup_steps", "optimizer.decay_fraction", "optimizer.min_lr_ratio",
     "optimizer.weight_decay", "optimizer.grad_clip_norm", "train.profile_steps",
+    "objective.mtp_depth", "objective.mtp_weight",
 )
 
 
@@ -172,3 +216,49 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.data.source == "synthetic" and config.data.num_modalities > 2:
     _fail("data.num_modalities", config.data.num_modalities,
           "the synthetic source makes 1 (text) or 2 (text, image)")
+  source = config.data.source
+  if not (source in DATA_SOURCES or (isinstance(source, str) and source.startswith(
+      TEXT_SOURCE_PREFIXES) and source.partition(":")[2])):
+    _fail("data.source", source, f"expected one of {DATA_SOURCES}, 'tfds:NAME[/CONFIG]' or "
+          "'seqio:NAME'")
+  ob = config.objective
+  if not 0 <= ob.loss_ema_decay < 1:
+    _fail("objective.loss_ema_decay", ob.loss_ema_decay, "expected 0 <= decay < 1")
+  if source != "synthetic":
+    _check_data_vocabulary(config)
+  weights = tuple(ob.audio_level_weights)
+  if len(weights) != m.audio_levels - 1 or any(w < 0 for w in weights):
+    _fail("objective.audio_level_weights", weights,
+          f"expected model.audio_levels - 1 = {m.audio_levels - 1} weights >= 0 (levels 2..K)")
+
+
+def _check_data_vocabulary(config: ml_collections.ConfigDict) -> None:
+  """Checks the model's vocabulary and audio codec against the data's; builds nothing."""
+  # Imported here: grain and jax (~1 s) are only needed for the file-backed sources.
+  from ernie5_jax.input_pipeline import multimodal  # pylint: disable=g-import-not-at-top
+  from ernie5_jax.input_pipeline import tokenizers  # pylint: disable=g-import-not-at-top
+  d, m = config.data, config.model
+  try:
+    layout = multimodal.vocabulary_layout(d)
+    if d.source == "digits_multimodal":
+      multimodal.MultimodalConfig.from_config(d).task_weights()
+  except ValueError as e:
+    raise ConfigError(f"config.{e}" if str(e).startswith("data.") else str(e)) from e
+  if d.source == "digits_multimodal":
+    scales = tuple(tokenizers.ImageTokenizerSpec().scales)
+    for field in ("image_scales", "video_scales"):
+      want = tuple(d[field])
+      if not want or want != scales[:len(want)]:
+        _fail(f"data.{field}", want, f"expected a prefix of the image tokenizer's scales "
+              f"{scales}")
+  if m.vocab_size != layout.vocab_size:
+    _fail("model.vocab_size", m.vocab_size,
+          f"expected the data's vocabulary size {layout.vocab_size} "
+          f"(data.source={d.source!r}); experiments set model.vocab_size = "
+          "input_pipeline.multimodal.vocabulary_layout(config.data).vocab_size")
+  if m.audio_levels > layout.audio_levels:
+    _fail("model.audio_levels", m.audio_levels,
+          f"expected 1..{layout.audio_levels} (the data's audio codec levels)")
+  if m.audio_levels > 1 and m.audio_codebook_size != layout.audio_codebook_size:
+    _fail("model.audio_codebook_size", m.audio_codebook_size,
+          f"expected the data's audio codebook size {layout.audio_codebook_size}")

@@ -13,10 +13,12 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 40
-# The tiny shape of tests/train/conftest.py: d_model 32, 1 dense + 1 MoE layer, 4 experts.
+# The tiny shape of tests/train/tiny_train_config.py: d_model 32, 1 dense + 1 MoE layer, 4
+# experts; on experiments/tiny.py's embedded multimodal data (the tiny build; vocabulary
+# from the data) with the full objective.
 TINY_FLAGS = [
-    "--config=experiments/tiny.py",
-    "--config.model.vocab_size=128", "--config.model.d_model=32", "--config.model.num_heads=2",
+    "--config=experiments/tiny.py", "--config.data.dataset=digits_multimodal/tiny",
+    "--config.model.d_model=32", "--config.model.num_heads=2",
     "--config.model.num_kv_heads=1", "--config.model.head_dim=16",
     "--config.model.rope_sections=(4,2,2)", "--config.model.num_layers=2",
     "--config.model.num_dense_layers=1", "--config.model.num_experts=4",
@@ -32,8 +34,9 @@ TINY_FLAGS = [
 def env(tmp_path_factory):
   """Subprocess environment; the runs of one test share a persistent compilation cache."""
   cache = tmp_path_factory.mktemp("jax_cache")
+  data = tmp_path_factory.getbasetemp() / "shared_data"  # Built by the first run that needs it.
   return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", ERNIE5_DATA_DIR=str(data))
 
 
 def _command(workdir, *extra):
@@ -85,7 +88,7 @@ def test_run_sigkill_resume_and_rerun(env, tmp_path):
   assert re.search(r"steps/s, 100.0% \(40/40\)", log)
   assert "perf/tokens_per_sec" in log and "router/load_imbalance" in log
   assert "Initialised a new model" in log and "Finished training at step 40" in log
-  losses = [float(x) for x in re.findall(r"\] ce_loss=([0-9.]+)", log)]
+  losses = [float(x) for x in re.findall(r"\] .*\bce_loss=([0-9.]+)", log)]
   assert len(losses) == NUM_STEPS // 4 and losses[-1] < losses[0]
 
   # 2. The same run killed with SIGKILL after its first checkpoint, then restarted.
@@ -106,7 +109,7 @@ def test_run_sigkill_resume_and_rerun(env, tmp_path):
   log = _run(env, killed).stderr
   resumed = int(re.search(r"Resumed from the checkpoint at step (\d+)", log).group(1))
   assert 0 < resumed < NUM_STEPS
-  logged = [int(x) for x in re.findall(r"\[(\d+)\] ce_loss", log)]
+  logged = [int(x) for x in re.findall(r"\[(\d+)\] .*\bce_loss=", log)]
   assert logged and min(logged) > resumed  # no step before the checkpoint is trained again
   assert f"Finished training at step {NUM_STEPS}" in log
   # Same final parameters (and router biases) as the uninterrupted run.

@@ -5,6 +5,17 @@ share of the global batch:
   tokens, targets int32 [batch, seq]; loss_mask float32 [batch, seq];
   modality int32 [batch, seq] (index into MODALITIES);
   positions int32 [batch, seq, 3] (t, h, w); segment_ids, group_ids int32 [batch, seq].
+The embedded multimodal source adds audio_codes and audio_targets int32 [batch, seq, K]
+(sequence.py); the objective reads them when present.
+
+config.data.source picks the source:
+  "synthetic"          synthetic.py: no files; order from data.shuffle_seed.
+  "digits_multimodal"  multimodal.py: data/digits_multimodal + stdlib_text, built with the
+                       tokenizers into data.data_dir on first use; records sharded per process.
+  "tfds:NAME", "seqio:NAME"  seqio_tasks.make_text_pipeline: text only.
+Each process reads global_batch_size / process_count rows of every batch; the iterator
+state (get_state / set_state) is saved in the checkpoint, so a resumed run reads on
+exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -29,13 +40,25 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
 
 
 def create_dataset(config: ml_collections.ConfigDict, *, process_index: int | None = None,
-                   process_count: int | None = None) -> grain.MapDataset:
-  """Returns this process's dataset of batches for config.data.source."""
+                   process_count: int | None = None) -> grain.MapDataset | grain.IterDataset:
+  """Returns this process's dataset of batches for config.data.source (building files once)."""
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   d = config.data
+  shard = dict(process_index=process_index, process_count=process_count)
+  local = local_batch_size(d.global_batch_size, process_count)
+  if d.source == "digits_multimodal":
+    from ernie5_jax.input_pipeline import multimodal  # pylint: disable=g-import-not-at-top
+    return multimodal.make_multimodal_pipeline(d, seq_len=d.seq_len, batch_size=local,
+                                               seed=d.shuffle_seed, **shard).dataset
+  if d.source.startswith(("tfds:", "seqio:")):
+    from ernie5_jax.input_pipeline import multimodal, seqio_tasks  # pylint: disable=g-import-not-at-top
+    return seqio_tasks.make_text_pipeline(
+        d.source, seq_len=d.seq_len, batch_size=local, seed=d.shuffle_seed,
+        data_dir=d.data_dir or multimodal.default_data_dir(), **shard)
   if d.source != "synthetic":
-    raise ValueError(f"config.data.source={d.source!r} is not accepted: expected 'synthetic'")
+    raise ValueError(f"config.data.source={d.source!r} is not accepted: expected 'synthetic', "
+                     "'digits_multimodal', 'tfds:NAME' or 'seqio:NAME'")
   return synthetic.make_dataset(
       seq_len=d.seq_len, vocab_size=config.model.vocab_size,
       num_modalities=d.num_modalities, seed=config.seed, shuffle_seed=d.shuffle_seed,
@@ -46,6 +69,8 @@ def create_dataset(config: ml_collections.ConfigDict, *, process_index: int | No
 def create_train_iterator(config: ml_collections.ConfigDict, **kwargs) -> grain.DatasetIterator:
   """Returns a checkpointable grain iterator (get_state/set_state) over training batches."""
   ds = create_dataset(config, **kwargs)
+  if isinstance(ds, grain.IterDataset):  # Packed sources: already an iterator pipeline.
+    return iter(ds)
   # One reader thread keeps the batch order and the CPU cost predictable.
   read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
   return iter(ds.to_iter_dataset(read))

@@ -1,7 +1,10 @@
 """The unified multimodal MoE decoder, its blocks, and the table of size variants.
 
-Layout: embedding -> dense blocks (config.model.num_dense_layers, dense SwiGLU) -> MoE
-blocks -> final RMSNorm -> tied or untied output head. Each group of blocks is one
+Layout: embedding (+ the audio frame's level 2..K code embeddings) -> dense blocks
+(config.model.num_dense_layers, dense SwiGLU) -> MoE blocks -> final RMSNorm -> tied or
+untied output head. The training heads of the objective (heads.py: MTP modules, audio
+heads for codec levels 2..K) read the final hidden state (`hidden_states`) through
+`mtp_logits` and `audio_logits`. Each group of blocks is one
 `BlockStack`: with config.model.scan_layers its parameters are stacked on a leading
 'layers' axis (nnx.vmap at init) and applied with nnx.scan, so compile time does not
 grow with depth; otherwise it is a Python loop over the same per-layer modules.
@@ -19,6 +22,7 @@ from flax import nnx
 from ernie5_jax.config import ConfigError
 from ernie5_jax.model import rope
 from ernie5_jax.model.attention import Attention
+from ernie5_jax.model.heads import NUM_MODALITIES, AudioHeads, LossEMA, MTPModule
 from ernie5_jax.model.layers import MLP, Embed, OutputHead, RMSNorm, to_dtype
 from ernie5_jax.model.moe import MoE
 from ernie5_jax.model.router import update_router_bias
@@ -128,7 +132,9 @@ class BlockStack(nnx.Module):
 class Decoder(nnx.Module):
   """Unified multimodal MoE decoder: (tokens, positions, segments, groups) -> logits, aux."""
 
-  def __init__(self, model_cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+  def __init__(self, model_cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs,
+               mtp_depth: int = 0):
+    """model_cfg = config.model; mtp_depth = config.objective.mtp_depth (0: no MTP modules)."""
     cfg = model_cfg
     dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
     if not 0 <= cfg.num_dense_layers <= cfg.num_layers:
@@ -147,13 +153,24 @@ class Decoder(nnx.Module):
                               param_dtype=param_dtype, rngs=rngs)
     self.head = (None if cfg.tie_embeddings else
                  OutputHead(cfg.d_model, cfg.vocab_size, param_dtype=param_dtype, rngs=rngs))
+    self.audio = (AudioHeads(cfg.d_model, cfg.audio_levels, cfg.audio_codebook_size,
+                             cfg.audio_head_hidden, eps=cfg.norm_eps, dtype=dtype,
+                             param_dtype=param_dtype, rngs=rngs)
+                  if cfg.audio_levels > 1 else None)
+    self.mtp = (nnx.List([MTPModule(cfg.d_model, Block(cfg, moe=False, rngs=rngs),
+                                    eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype,
+                                    rngs=rngs) for _ in range(mtp_depth)])
+                if mtp_depth else None)
+    self.loss_ema = LossEMA(jnp.zeros((NUM_MODALITIES,), jnp.float32),
+                            out_sharding=("modality",), eager_sharding=False)
     self.head_dim = cfg.head_dim
     self.rope_sections = tuple(cfg.rope_sections)
     self.rope_theta = float(cfg.rope_theta)
     self.num_experts = cfg.num_experts
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-               group_ids: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+               group_ids: jax.Array, audio_codes: jax.Array | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Returns logits [batch, seq, vocab] float32 and the aux dict of the contract.
 
     Args:
@@ -161,10 +178,21 @@ class Decoder(nnx.Module):
       positions: [batch, seq, 3] int32 (t, h, w) for Uni-RoPE.
       segment_ids: [batch, seq] int32 packing segments.
       group_ids: [batch, seq] int32; tokens of one nonzero group attend bidirectionally.
+      audio_codes: optional [batch, seq, K'] int32 raw codec codes of the frame whose level-1
+        code is the token (-1 elsewhere); levels 2..model.audio_levels are added to its
+        embedding (audio understanding: one position per frame).
     """
+    hidden, aux = self.hidden_states(tokens, positions, segment_ids, group_ids, audio_codes)
+    return self.logits(hidden), aux
+
+  def hidden_states(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                    group_ids: jax.Array, audio_codes: jax.Array | None = None
+                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """__call__ before the head: (final normed hidden [batch, seq, embed], aux)."""
     x = self.embed(tokens)  # [batch, seq, embed]
-    angles = rope.rope_angles(positions, head_dim=self.head_dim, sections=self.rope_sections,
-                              theta=self.rope_theta)  # [batch, seq, head_dim // 2]
+    if self.audio is not None and audio_codes is not None:
+      x = x + self.audio.input_sum(audio_codes)
+    angles = self.rope_angles(positions)  # [batch, seq, head_dim // 2]
     if self.dense_layers is not None:
       x, _ = self.dense_layers(x, angles, segment_ids, group_ids)
     if self.moe_layers is not None:
@@ -174,14 +202,49 @@ class Decoder(nnx.Module):
                "router_entropy": jnp.zeros((0,), jnp.float32),
                "load_balance_loss": jnp.zeros((0,), jnp.float32),
                "z_loss": jnp.zeros((0,), jnp.float32)}
-    x = self.final_norm(x)
-    logits = self.embed.attend(x) if self.head is None else self.head(x)
     mean = lambda v: jnp.mean(v) if v.size else jnp.zeros((), jnp.float32)
     aux = {"expert_load": stats["expert_load"],  # [moe_layers, experts]
            "router_entropy": stats["router_entropy"],  # [moe_layers]
            "load_balance_loss": mean(stats["load_balance_loss"]),
            "z_loss": mean(stats["z_loss"])}
-    return logits, aux
+    return self.final_norm(x), aux
+
+  def rope_angles(self, positions: jax.Array) -> jax.Array:
+    """Uni-RoPE angles [batch, seq, head_dim // 2] of positions [batch, seq, 3]."""
+    return rope.rope_angles(positions, head_dim=self.head_dim, sections=self.rope_sections,
+                            theta=self.rope_theta)
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    """The (shared) output head: normed hidden [batch, seq, embed] -> [batch, seq, vocab] f32."""
+    return self.embed.attend(x) if self.head is None else self.head(x)
+
+  def mtp_logits(self, hidden: jax.Array, tokens: jax.Array, positions: jax.Array,
+                 segment_ids: jax.Array, group_ids: jax.Array) -> list[jax.Array]:
+    """Logits [batch, seq, vocab] of each MTP depth k = 1..D (position p predicts t_{p+k+1}).
+
+    hidden is hidden_states(...)[0] [batch, seq, embed]; the others are the model inputs.
+    Positions past the row's end see token 0 (their targets are masked by the objective).
+    """
+    if self.mtp is None:
+      return []
+    angles = self.rope_angles(positions)
+    out, h = [], hidden
+    for k, module in enumerate(self.mtp, start=1):
+      ahead = jnp.pad(tokens[:, k:], ((0, 0), (0, k)))  # [batch, seq]: t_{p+k}
+      h, normed = module(h, self.embed(ahead), angles, segment_ids, group_ids)
+      out.append(self.logits(normed))
+    return out
+
+  def audio_logits(self, hidden: jax.Array, targets: jax.Array,
+                   audio_targets: jax.Array) -> jax.Array | None:
+    """Teacher-forced logits of codec levels 2..K, [batch, seq, K - 1, codebook]; None if K = 1.
+
+    hidden: hidden_states(...)[0] [batch, seq, embed]; targets [batch, seq] (the level-1 token ids at
+    audio positions); audio_targets [batch, seq, K'] raw codes of the predicted frame.
+    """
+    if self.audio is None:
+      return None
+    return self.audio(hidden, self.embed(targets), audio_targets)
 
   def update_router_bias(self, expert_load: jax.Array, rate: float) -> None:
     """Applies update_router_bias in place to every MoE layer; expert_load [moe_layers, E]."""

@@ -61,16 +61,17 @@ def _check_finite(pending: list[tuple[int, dict[str, Any]]], manager) -> None:
 
 
 def _summarize(history: list[tuple[int, dict[str, Any]]]) -> dict[str, float]:
-  """Averages per-step metrics; per-modality losses weighted by their token counts."""
+  """Averages per-step metrics; "<kind>/<what>" ones weighted by "tokens/<what>" if present."""
   names = history[0][1].keys()
   out = {}
   for name in names:
     if name.startswith("tokens/") or name == "params_finite":
       continue
     values = np.array([m[name] for _, m in history], np.float64)
-    if name.startswith("loss/"):
-      counts = np.array([m["tokens/" + name[len("loss/"):]] for _, m in history], np.float64)
-      if counts.sum() > 0:  # Only modalities present in the interval.
+    counted = "tokens/" + name.partition("/")[2]  # loss/text, accuracy/text -> tokens/text
+    if "/" in name and counted in names:
+      counts = np.array([m[counted] for _, m in history], np.float64)
+      if counts.sum() > 0:  # Only what was present in the interval.
         out[name] = float(np.sum(values * counts) / counts.sum())
     else:
       out[name] = float(values.mean())

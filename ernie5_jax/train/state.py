@@ -44,7 +44,7 @@ class TrainState:
 
 def create_model(config: ml_collections.ConfigDict) -> Decoder:
   """Builds the decoder with parameters drawn from config.seed."""
-  return Decoder(config.model, rngs=nnx.Rngs(config.seed))
+  return Decoder(config.model, mtp_depth=config.objective.mtp_depth, rngs=nnx.Rngs(config.seed))
 
 
 def _new_state(model: Decoder, tx: optax.GradientTransformation) -> TrainState:

@@ -1,4 +1,5 @@
-"""The jitted train step: masked cross-entropy + router aux losses, AdamW, router-bias update."""
+"""The jitted train step: the objective (objective.py) + router aux losses, AdamW, router-bias
+and loss-EMA updates."""
 
 from __future__ import annotations
 
@@ -11,15 +12,10 @@ import ml_collections
 import optax
 from flax import nnx
 
-from ernie5_jax.input_pipeline import MODALITIES
+from ernie5_jax.train import objective
 from ernie5_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
-
-
-def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-  """sum(values * mask) / max(sum(mask), 1); values, mask [batch, seq]."""
-  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def router_metrics(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -38,31 +34,10 @@ def router_metrics(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
 def loss_and_metrics(params: nnx.State, rest: nnx.State, batch: Batch, *,
                      graphdef: nnx.GraphDef, config: ml_collections.ConfigDict
                      ) -> tuple[jax.Array, tuple[dict[str, jax.Array], dict[str, jax.Array]]]:
-  """Returns (total loss, (metrics, aux)) of the model on one batch.
-
-  total = masked mean next-token CE
-          + router.load_balance_weight * load_balance_loss + router.z_loss_weight * z_loss.
-  """
+  """Returns (total loss, (metrics, aux)) of the objective (objective.py) on one batch."""
   # copy=True: `rest` Variables were created at the outer (jit) trace level.
   model = nnx.merge(graphdef, params, rest, copy=True)
-  logits, aux = model(batch["tokens"], batch["positions"], batch["segment_ids"],
-                      batch["group_ids"])  # [batch, seq, vocab] float32
-  ce = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), batch["targets"])  # [batch, seq]
-  mask = batch["loss_mask"].astype(jnp.float32)
-  ce_loss = masked_mean(ce, mask)
-  r = config.router
-  loss = (ce_loss + r.load_balance_weight * aux["load_balance_loss"]
-          + r.z_loss_weight * aux["z_loss"])
-  metrics = {"loss": loss, "ce_loss": ce_loss,
-             "router/load_balance_loss": aux["load_balance_loss"],
-             "router/z_loss": aux["z_loss"]}
-  if config.data.num_modalities > 1:
-    # Per-modality CE and the token counts that weight it when averaging over steps.
-    for m, name in enumerate(MODALITIES[:config.data.num_modalities]):
-      m_mask = mask * (batch["modality"] == m)
-      metrics[f"loss/{name}"] = masked_mean(ce, m_mask)
-      metrics[f"tokens/{name}"] = jnp.sum(m_mask)
+  loss, (metrics, aux) = objective.compute_loss(model, batch, config=config)
   metrics.update(router_metrics(aux))
   return loss, (metrics, aux)
 
@@ -81,6 +56,7 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
   model = nnx.merge(graphdef, params, state.rest)
   model.update_router_bias(jax.lax.stop_gradient(aux["expert_load"]),
                            config.router.bias_update_rate)
+  model.loss_ema[...] = jax.lax.stop_gradient(aux["loss_ema"])  # Posterior weighting's estimate.
   _, _, rest = nnx.split(model, nnx.Param, ...)
   metrics["grad_norm"] = optax.global_norm(grads)
   metrics["param_norm"] = optax.global_norm(params)

@@ -13,6 +13,9 @@ def make_tiny_config(**train):
   config = config_lib.default_config()
   config.model.update(TINY_MODEL)
   config.data.update(seq_len=16, global_batch_size=4)
+  # The plain next-token objective that test_step checks against a naive CE (the full
+  # objective is tested in test_objective.py and test_multimodal_train.py).
+  config.objective.update(mtp_depth=0, loss_weighting="uniform")
   config.optimizer.warmup_steps = 2
   config.train.update(num_steps=8, log_every=2, checkpoint_every=4, async_checkpoints=True)
   config.train.update(train)
