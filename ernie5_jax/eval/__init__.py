@@ -1,0 +1,1 @@
+"""Evaluation: scoring documents with a trained decoder (eval jobs come with their issues)."""
