@@ -1,25 +1,157 @@
 """MoE expert dispatch: y[t] = sum_k w[t, k] * SwiGLU_{e[t, k]}(x[t]).
 
-PLACEHOLDER written by the lead so the model can be built; the dispatch helper
-replaces this file with the real backends (gather / ragged_dot / capacity).
+SwiGLU_e(x) = (silu(x W_gate[e]) * (x W_up[e])) W_down[e]  (Shazeer 2020, arXiv 2002.05202).
+
+Backends (`backend=`; "auto" is resolved by ops.backend.resolve_moe_backend):
+- "gather": dropless, the fast CPU path (ops/moe_slots.py): assignments sorted
+  by expert into a padded [E, C0, D] layout for batched einsums, the overflow of
+  the busiest experts in a few gathered-weight tiles, and any rest (skewed
+  routing) under a `lax.cond`: exact for any routing.
+- "ragged_dot": dropless; sort by expert, `jax.lax.ragged_dot` grouped matmuls,
+  unsort (the XLA path for GPU/TPU; ~30-70x slower than dense on CPU).
+- "capacity": token dropping with C = ceil(capacity_factor * T*K / E) rows per
+  expert (GShard, arXiv 2006.16668; Switch, arXiv 2101.03961): assignments past
+  C, in token order, contribute 0. For comparison.
 """
+
+from __future__ import annotations
+
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
 
+from ernie5_jax.ops import moe_slots
+from ernie5_jax.ops.backend import resolve_moe_backend
+
 
 def expert_ffn(x, expert_ids, combine_weights, w_gate, w_up, w_down, *,
                backend: str = "auto", capacity_factor: float = 1.25):
-  """Dropless routed SwiGLU experts. x: [T, D]; expert_ids, combine_weights: [T, K]."""
-  del backend, capacity_factor
-  num_tokens, top_k = expert_ids.shape
-  flat = expert_ids.reshape(-1)  # [T*K]
-  order = jnp.argsort(flat, stable=True)
-  token_of = order // top_k
-  xs = x[token_of]  # [T*K, D]
-  sizes = jnp.bincount(flat, length=w_gate.shape[0]).astype(jnp.int32)
-  h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, sizes)) * jax.lax.ragged_dot(xs, w_up, sizes)
-  ys = jax.lax.ragged_dot(h, w_down, sizes)  # [T*K, D]
-  y = jnp.zeros((num_tokens * top_k, x.shape[-1]), ys.dtype).at[order].set(ys)
-  y = y.reshape(num_tokens, top_k, -1)
-  return jnp.einsum("tkd,tk->td", y, combine_weights.astype(y.dtype)).astype(x.dtype)
+  """Routed SwiGLU experts: y[t] = sum_k combine_weights[t, k] * SwiGLU_{expert_ids[t, k]}(x[t]).
+
+  Args:
+    x: [tokens, d_model] activations.
+    expert_ids: [tokens, top_k] int expert choices in [0, E).
+    combine_weights: [tokens, top_k] combine weights.
+    w_gate, w_up: [E, d_model, expert_hidden]; w_down: [E, expert_hidden, d_model].
+    backend: one of config.MOE_DISPATCH_BACKENDS ("auto" picks per platform).
+    capacity_factor: per-expert capacity / (tokens * top_k / E); "capacity" only.
+  Returns:
+    y: [tokens, d_model] in x.dtype.
+  """
+  _check_shapes(x, expert_ids, combine_weights, w_gate, w_up, w_down)
+  backend = resolve_moe_backend(backend)
+  if not capacity_factor > 0:
+    raise ValueError(f"capacity_factor={capacity_factor!r} is not accepted: "
+                     "expected a value > 0")
+  dtype = x.dtype
+  w_gate, w_up, w_down = (w.astype(dtype) for w in (w_gate, w_up, w_down))
+  weights = combine_weights.astype(dtype).reshape(-1)  # [N], n = t*K + k
+  num_experts = w_gate.shape[0]
+  asg = moe_slots.sort_assignments(expert_ids, num_experts)
+  num_assignments = weights.shape[0]
+  if backend == "ragged_dot":
+    return _ragged_dot_ffn(x, weights, asg, w_gate, w_up, w_down)
+  if backend == "capacity":
+    capacity = math.ceil(capacity_factor * num_assignments / num_experts)
+    plan = moe_slots.capacity_plan(min(num_assignments, max(1, capacity)))
+  else:
+    plan = moe_slots.dropless_plan(num_assignments, num_experts)
+  return moe_slots.routed_swiglu(plan, x, weights, asg, w_gate, w_up, w_down)
+
+
+def _check_shapes(x, expert_ids, combine_weights, w_gate, w_up, w_down):
+  """Raises ValueError naming the argument whose shape or dtype does not fit."""
+  if x.ndim != 2:
+    raise ValueError(f"x.shape={x.shape} is not accepted: expected [tokens, d_model]")
+  tokens, d_model = x.shape
+  if expert_ids.ndim != 2 or expert_ids.shape[0] != tokens:
+    raise ValueError(f"expert_ids.shape={expert_ids.shape} is not accepted: expected "
+                     f"[tokens={tokens}, top_k]")
+  if not jnp.issubdtype(expert_ids.dtype, jnp.integer):
+    raise ValueError(f"expert_ids.dtype={expert_ids.dtype} is not accepted: "
+                     "expected an integer dtype")
+  if combine_weights.shape != expert_ids.shape:
+    raise ValueError(f"combine_weights.shape={combine_weights.shape} is not accepted: expected "
+                     f"expert_ids.shape={expert_ids.shape}")
+  if w_gate.ndim != 3 or w_gate.shape[1] != d_model:
+    raise ValueError(f"w_gate.shape={w_gate.shape} is not accepted: expected "
+                     f"[num_experts, d_model={d_model}, expert_hidden]")
+  num_experts, _, hidden = w_gate.shape
+  if w_up.ndim == w_down.ndim == 3 and w_up.shape[0] == w_down.shape[0] != num_experts:
+    raise ValueError(f"w_gate.shape={w_gate.shape} is not accepted: expected num_experts="
+                     f"{w_up.shape[0]} like w_up.shape={w_up.shape} and "
+                     f"w_down.shape={w_down.shape}")
+  if w_up.shape != w_gate.shape:
+    raise ValueError(f"w_up.shape={w_up.shape} is not accepted: "
+                     f"expected w_gate.shape={w_gate.shape}")
+  if w_down.shape != (num_experts, hidden, d_model):
+    raise ValueError(f"w_down.shape={w_down.shape} is not accepted: expected "
+                     f"[num_experts={num_experts}, expert_hidden={hidden}, d_model={d_model}]")
+
+
+# --- "ragged_dot": sort, grouped matmuls, unsort --------------------------------
+# The sort and unsort are gathers whose transposes are again gathers (through the
+# inverse permutation), so the backward pass has no scatter-add.
+
+
+def _inverse(asg):
+  """[N] expert-sorted position of each assignment (the inverse of asg.order)."""
+  return asg.starts[asg.expert] + asg.rank
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dispatch(x, asg, top_k):
+  """x [T, D] -> expert-sorted rows xs [N, D] (each token once per chosen expert)."""
+  return x[asg.order // top_k]
+
+
+def _dispatch_fwd(x, asg, top_k):
+  return _dispatch(x, asg, top_k), asg
+
+
+def _dispatch_bwd(top_k, asg, dxs):
+  inv = _inverse(asg).reshape(-1, top_k)  # [T, K]
+  dx = dxs[inv[:, 0]]
+  for k in range(1, top_k):
+    dx = dx + dxs[inv[:, k]]
+  return dx, None
+
+
+_dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _combine(ys, weights, asg, top_k):
+  """Expert-sorted outputs ys [N, D] -> y[t] = sum_k weights[t*K + k] * ys[inverse[t, k]]."""
+  inv = _inverse(asg).reshape(-1, top_k)
+  w = weights.reshape(-1, top_k)
+  y = ys[inv[:, 0]] * w[:, :1]
+  for k in range(1, top_k):
+    y = y + ys[inv[:, k]] * w[:, k:k + 1]
+  return y
+
+
+def _combine_fwd(ys, weights, asg, top_k):
+  return _combine(ys, weights, asg, top_k), (ys, weights, asg)
+
+
+def _combine_bwd(top_k, res, dy):
+  ys, weights, asg = res
+  dys = dy[asg.order // top_k] * weights[asg.order][:, None]  # [N, D]
+  inv = _inverse(asg).reshape(-1, top_k)  # [T, K]
+  dweights = jnp.stack([jnp.sum(ys[inv[:, k]] * dy, axis=-1) for k in range(top_k)], axis=1)
+  return dys, dweights.reshape(-1), None
+
+
+_combine.defvjp(_combine_fwd, _combine_bwd)
+
+
+def _ragged_dot_ffn(x, weights, asg, w_gate, w_up, w_down):
+  top_k = weights.shape[0] // x.shape[0]
+  xs = _dispatch(x, asg, top_k)  # [N, D] sorted by expert
+  gate = jax.lax.ragged_dot(xs, w_gate, asg.counts)  # [N, F]
+  h = jax.nn.silu(gate) * jax.lax.ragged_dot(xs, w_up, asg.counts)
+  ys = jax.lax.ragged_dot(h, w_down, asg.counts)  # [N, D]
+  return _combine(ys, weights, asg, top_k)
