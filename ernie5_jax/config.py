@@ -12,7 +12,8 @@ from typing import Any
 
 import ml_collections
 
-MOE_DISPATCH_BACKENDS = ("auto", "gather", "ragged_dot", "capacity")
+MOE_DISPATCH_BACKENDS = ("auto", "gather", "ragged_dot", "capacity", "pallas")
+ATTENTION_BACKENDS = ("auto", "xla", "pallas")
 ROUTER_SCORES = ("softmax", "sigmoid")
 DTYPES = ("float32", "bfloat16")
 # data.source: also "tfds:NAME[/CONFIG]" or "seqio:NAME" (text only, seqio_tasks.py).
@@ -56,7 +57,12 @@ def default_config() -> ml_collections.ConfigDict:
   m.expert_hidden = 64  # Hidden width of one fine-grained SwiGLU expert.
   m.top_k = 2  # Experts chosen per token.
   m.router_score = "softmax"  # Router score function: "softmax" or "sigmoid".
-  m.moe_dispatch = "auto"  # "auto" (fastest for the platform), "gather", "ragged_dot", "capacity".
+  # MoE dispatch backend: "auto" (ops/backend.py: "pallas" on TPU/GPU, "gather" on CPU),
+  # "gather", "ragged_dot", "capacity" (token dropping) or "pallas" (interpret mode on CPU).
+  m.moe_dispatch = "auto"
+  # Attention backend: "auto" ("pallas" flash attention on TPU/GPU, "xla" on CPU),
+  # "xla" or "pallas" (interpret mode on CPU).
+  m.attention = "auto"
   m.capacity_factor = 1.25  # Per-expert capacity / (tokens * top_k / experts); "capacity" only.
   m.norm_eps = 1e-6  # RMSNorm epsilon.
   m.tie_embeddings = True  # Output head reuses the token embedding.
@@ -135,6 +141,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 _CHOICES = {
     "model.moe_dispatch": MOE_DISPATCH_BACKENDS,
+    "model.attention": ATTENTION_BACKENDS,
     "model.router_score": ROUTER_SCORES,
     "model.dtype": DTYPES,
     "model.param_dtype": DTYPES,

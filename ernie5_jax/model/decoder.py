@@ -69,7 +69,8 @@ class Block(nnx.Module):
     self.attn_norm = norm()
     self.attn = Attention(d_model=cfg.d_model, num_heads=cfg.num_heads,
                           num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-                          dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                          dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                          backend=cfg.attention)
     self.ffn_norm = norm()
     if moe:
       self.ffn = MoE(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)

@@ -6,7 +6,9 @@ the same nonzero group (e.g. one vision scale) see each other in both directions
 
   allowed(i, j) = seg[i] == seg[j] and (j <= i or (grp[i] == grp[j] and grp[i] != 0))
 
-Only the plain-XLA backend exists for now; "auto" resolves to it on every platform.
+Backends: "xla" (below: one masked softmax, the CPU path) and "pallas"
+(`pallas_kernels.flash_attention`: block-sparse flash attention that skips fully
+masked blocks; interpret mode on CPU). "auto" is decided in ops/backend.py.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-ATTENTION_BACKENDS = ("auto", "xla")
+import pallas_kernels
+from ernie5_jax.ops.backend import pallas_interpret, resolve_attention_backend
 
 
 def make_mask(segment_ids: jax.Array, group_ids: jax.Array) -> jax.Array:
@@ -25,13 +28,6 @@ def make_mask(segment_ids: jax.Array, group_ids: jax.Array) -> jax.Array:
   causal = jnp.arange(seq_len)[None, :, None] >= jnp.arange(seq_len)[None, None, :]  # [1, T, S]
   same_group = (grp_q == grp_k) & (grp_q != 0)
   return (seg_q == seg_k) & (causal | same_group)  # [B, T, S]
-
-
-def _resolve_backend(backend: str) -> str:
-  if backend not in ATTENTION_BACKENDS:
-    raise ValueError(f"attention backend={backend!r} is not accepted: expected one of "
-                     f"{ATTENTION_BACKENDS}")
-  return "xla" if backend == "auto" else backend
 
 
 def _check_shapes(q, k, v, segment_ids, group_ids) -> None:
@@ -85,12 +81,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Arra
     k, v: [batch, seq, kv_heads, head_dim], heads % kv_heads == 0.
     segment_ids: [batch, seq] int32 packing segments.
     group_ids: [batch, seq] int32; 0 = no group (causal), nonzero = bidirectional group.
-    backend: one of ATTENTION_BACKENDS; "auto" picks the best for the platform.
+    backend: one of config.ATTENTION_BACKENDS; "auto" picks the best for the platform.
 
   Returns:
     [batch, seq, heads, head_dim] in q's dtype.
   """
   _check_shapes(q, k, v, segment_ids, group_ids)
-  backend = _resolve_backend(backend)
-  del backend  # Only "xla" so far; Pallas backends plug in here.
+  if resolve_attention_backend(backend) == "pallas":
+    return pallas_kernels.flash_attention(q, k, v, segment_ids, group_ids,
+                                          interpret=pallas_interpret())
   return xla_attention(q, k, v, make_mask(segment_ids, group_ids))

@@ -1,22 +1,46 @@
-"""The one place where the platform picks a compute backend for an op."""
+"""The one place where the platform picks a compute backend for an op.
+
+Config fields `model.moe_dispatch` and `model.attention` name a backend or
+"auto"; "auto" is decided here from `jax.default_backend()`: the Pallas kernels
+(`pallas_kernels/`) on TPU and GPU, the fast XLA paths on CPU. A Pallas backend
+named explicitly on CPU runs its kernels in interpret mode (slow; for tests).
+"""
 
 from __future__ import annotations
 
 import jax
 
-from ernie5_jax.config import MOE_DISPATCH_BACKENDS
+from ernie5_jax.config import ATTENTION_BACKENDS, MOE_DISPATCH_BACKENDS
+
+
+def _platform(platform: str | None) -> str:
+  return jax.default_backend() if platform is None else platform
 
 
 def resolve_moe_backend(name: str, platform: str | None = None) -> str:
   """Maps a `model.moe_dispatch` value to a concrete MoE dispatch backend.
 
   "auto" is "gather" on CPU (`jax.lax.ragged_dot` is ~30-70x slower than a dense
-  matmul of the same FLOPs there) and "ragged_dot" on GPU/TPU; explicit names
-  pass through. `platform` defaults to `jax.default_backend()`.
+  matmul of the same FLOPs there) and "pallas" (grouped matmul kernel) on GPU/TPU;
+  explicit names pass through. `platform` defaults to `jax.default_backend()`.
   """
   if name not in MOE_DISPATCH_BACKENDS:
     raise ValueError(f"backend={name!r} is not accepted: expected one of {MOE_DISPATCH_BACKENDS}")
   if name != "auto":
     return name
-  platform = jax.default_backend() if platform is None else platform
-  return "gather" if platform == "cpu" else "ragged_dot"
+  return "gather" if _platform(platform) == "cpu" else "pallas"
+
+
+def resolve_attention_backend(name: str, platform: str | None = None) -> str:
+  """Maps a `model.attention` value to "xla" or "pallas" ("auto": pallas off CPU)."""
+  if name not in ATTENTION_BACKENDS:
+    raise ValueError(f"attention backend={name!r} is not accepted: expected one of "
+                     f"{ATTENTION_BACKENDS}")
+  if name != "auto":
+    return name
+  return "xla" if _platform(platform) == "cpu" else "pallas"
+
+
+def pallas_interpret(platform: str | None = None) -> bool:
+  """Whether Pallas kernels must run in interpret mode (CPU has no Pallas lowering)."""
+  return _platform(platform) == "cpu"

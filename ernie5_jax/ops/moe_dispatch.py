@@ -9,6 +9,8 @@ Backends (`backend=`; "auto" is resolved by ops.backend.resolve_moe_backend):
   routing) under a `lax.cond`: exact for any routing.
 - "ragged_dot": dropless; sort by expert, `jax.lax.ragged_dot` grouped matmuls,
   unsort (the XLA path for GPU/TPU; ~30-70x slower than dense on CPU).
+- "pallas": dropless; the same sort / unsort around `pallas_kernels.grouped_matmul`
+  (Mosaic on TPU, Triton on GPU, interpret mode on CPU: see ops/backend.py).
 - "capacity": token dropping with C = ceil(capacity_factor * T*K / E) rows per
   expert (GShard, arXiv 2006.16668; Switch, arXiv 2101.03961): assignments past
   C, in token order, contribute 0. For comparison.
@@ -22,8 +24,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+import pallas_kernels
 from ernie5_jax.ops import moe_slots
-from ernie5_jax.ops.backend import resolve_moe_backend
+from ernie5_jax.ops.backend import pallas_interpret, resolve_moe_backend
 
 
 def expert_ffn(x, expert_ids, combine_weights, w_gate, w_up, w_down, *,
@@ -52,7 +55,10 @@ def expert_ffn(x, expert_ids, combine_weights, w_gate, w_up, w_down, *,
   asg = moe_slots.sort_assignments(expert_ids, num_experts)
   num_assignments = weights.shape[0]
   if backend == "ragged_dot":
-    return _ragged_dot_ffn(x, weights, asg, w_gate, w_up, w_down)
+    return _grouped_ffn(jax.lax.ragged_dot, x, weights, asg, w_gate, w_up, w_down)
+  if backend == "pallas":
+    gmm = functools.partial(pallas_kernels.grouped_matmul, interpret=pallas_interpret())
+    return _grouped_ffn(gmm, x, weights, asg, w_gate, w_up, w_down)
   if backend == "capacity":
     capacity = math.ceil(capacity_factor * num_assignments / num_experts)
     plan = moe_slots.capacity_plan(min(num_assignments, max(1, capacity)))
@@ -91,7 +97,7 @@ def _check_shapes(x, expert_ids, combine_weights, w_gate, w_up, w_down):
                      f"[num_experts={num_experts}, expert_hidden={hidden}, d_model={d_model}]")
 
 
-# --- "ragged_dot": sort, grouped matmuls, unsort --------------------------------
+# --- "ragged_dot" / "pallas": sort, grouped matmuls, unsort ----------------------
 # The sort and unsort are gathers whose transposes are again gathers (through the
 # inverse permutation), so the backward pass has no scatter-add.
 
@@ -148,10 +154,11 @@ def _combine_bwd(top_k, res, dy):
 _combine.defvjp(_combine_fwd, _combine_bwd)
 
 
-def _ragged_dot_ffn(x, weights, asg, w_gate, w_up, w_down):
+def _grouped_ffn(grouped_matmul, x, weights, asg, w_gate, w_up, w_down):
+  """SwiGLU experts with grouped_matmul(lhs [N, k], rhs [E, k, n], group_sizes [E]) -> [N, n]."""
   top_k = weights.shape[0] // x.shape[0]
   xs = _dispatch(x, asg, top_k)  # [N, D] sorted by expert
-  gate = jax.lax.ragged_dot(xs, w_gate, asg.counts)  # [N, F]
-  h = jax.nn.silu(gate) * jax.lax.ragged_dot(xs, w_up, asg.counts)
-  ys = jax.lax.ragged_dot(h, w_down, asg.counts)  # [N, D]
+  gate = grouped_matmul(xs, w_gate, asg.counts)  # [N, F]
+  h = jax.nn.silu(gate) * grouped_matmul(xs, w_up, asg.counts)
+  ys = grouped_matmul(h, w_down, asg.counts)  # [N, D]
   return _combine(ys, weights, asg, top_k)

@@ -1,11 +1,14 @@
 """Tests for ernie5_jax.ops.attention against a naive per-query softmax loop."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ernie5_jax.ops import attention as attention_ops
+from ernie5_jax.ops import backend as backend_lib
 
 BATCH, SEQ, HEAD_DIM = 2, 8, 8
 
@@ -74,6 +77,23 @@ def test_attention_matches_naive(qkv, kind):
                              rtol=1e-5, atol=1e-5)
 
 
+def test_pallas_backend_matches_naive(qkv):
+  # Flash attention kernel in interpret mode (CPU), with every mask kind at once.
+  q, k, v = qkv
+  seg, grp = (np.array(a, np.int32) for a in MASKS["combined"])
+  out = jax.jit(functools.partial(attention_ops.attention, backend="pallas"))(
+      q, k, v, segment_ids=seg, group_ids=grp)
+  np.testing.assert_allclose(np.asarray(out), naive_attention(q, k, v, seg, grp),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_auto_backend_per_platform():
+  assert backend_lib.resolve_attention_backend("auto", platform="cpu") == "xla"
+  assert backend_lib.resolve_attention_backend("auto", platform="gpu") == "pallas"
+  assert backend_lib.resolve_attention_backend("auto", platform="tpu") == "pallas"
+  assert backend_lib.resolve_attention_backend("xla", platform="tpu") == "xla"
+
+
 def test_causal_mask_matches_lower_triangle():
   seg, grp = (np.array(a, np.int32) for a in MASKS["causal"])
   mask = np.asarray(attention_ops.make_mask(jnp.asarray(seg), jnp.asarray(grp)))
@@ -98,7 +118,7 @@ def test_errors_name_the_argument():
   with pytest.raises(ValueError, match="kv_heads=2"):
     attention_ops.attention(q, kv, kv, segment_ids=ids, group_ids=ids)
   q = jnp.zeros((1, 4, 2, 8))
-  with pytest.raises(ValueError, match="backend='pallas'"):
-    attention_ops.attention(q, kv, kv, segment_ids=ids, group_ids=ids, backend="pallas")
+  with pytest.raises(ValueError, match=r"backend='cudnn' .*\('auto', 'xla', 'pallas'\)"):
+    attention_ops.attention(q, kv, kv, segment_ids=ids, group_ids=ids, backend="cudnn")
   with pytest.raises(ValueError, match="group_ids.shape"):
     attention_ops.attention(q, kv, kv, segment_ids=ids, group_ids=ids[:, :2])

@@ -13,7 +13,7 @@ from ernie5_jax.ops.backend import resolve_moe_backend
 from ernie5_jax.ops.moe_dispatch import expert_ffn
 
 T, D, F, E, K = 32, 16, 8, 8, 2  # mean load 8: dropless bulk of 16 rows, 2 tail tiles of 8
-BACKENDS = ("gather", "ragged_dot", "capacity")
+BACKENDS = ("gather", "ragged_dot", "capacity")  # "pallas" (interpret mode): its own test below
 
 
 def reference_ffn(x, expert_ids, combine_weights, w_gate, w_up, w_down):
@@ -92,6 +92,20 @@ def test_matches_reference_outputs_and_gradients(params, reference, backend_fns,
     _assert_close(g, g_ref, f"{backend}/{routing}: d/d{name}")
 
 
+def test_pallas_backend_matches_reference(params, reference):
+  # The grouped-matmul kernel in interpret mode (CPU), on a routing with an empty expert
+  # and one with every token on the same k experts.
+  pallas_fn = _loss(expert_ffn, backend="pallas")
+  for routing in ("random_with_empty_expert", "worst_case_same_k_experts"):
+    args = (params[0], jnp.asarray(ROUTINGS[routing], jnp.int32)) + params[1:]
+    (_, y), grads = pallas_fn(*args)
+    (_, y_ref), grads_ref = reference(*args)
+    _assert_close(y, y_ref, f"pallas/{routing}: y")
+    for name, g, g_ref in zip(("x", "combine_weights", "w_gate", "w_up", "w_down"), grads,
+                              grads_ref):
+      _assert_close(g, g_ref, f"pallas/{routing}: d/d{name}")
+
+
 def test_dropless_plan_segments_cover_every_assignment_once():
   # Bulk C0 = m + 2 sqrt(m) = 16 rows, 2 tail tiles of 8, then the leftover tiles.
   plan = moe_slots.dropless_plan(T * K, E)
@@ -138,17 +152,18 @@ def test_capacity_drops_exactly_the_assignments_past_capacity(params, reference)
 
 def test_auto_resolves_per_platform(params):
   assert resolve_moe_backend("auto", platform="cpu") == "gather"
-  assert resolve_moe_backend("auto", platform="gpu") == "ragged_dot"
-  assert resolve_moe_backend("auto", platform="tpu") == "ragged_dot"
+  assert resolve_moe_backend("auto", platform="gpu") == "pallas"
+  assert resolve_moe_backend("auto", platform="tpu") == "pallas"
   for name in MOE_DISPATCH_BACKENDS[1:]:
     assert resolve_moe_backend(name, platform="tpu") == name
-  expected = "gather" if jax.default_backend() == "cpu" else "ragged_dot"
+  expected = "gather" if jax.default_backend() == "cpu" else "pallas"
   assert resolve_moe_backend("auto") == expected
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 def test_forward_and_backward_lower_for_accelerators(params, platform):
-  # "auto" picks ragged_dot there; the CPU backends must still lower (e.g. to compare).
+  # "auto" picks the Pallas kernels there (their lowering is tested in
+  # tests/pallas_kernels); the XLA backends must still lower (e.g. to compare).
   x, combine_weights, w_gate, w_up, w_down, _ = params
   ids = jnp.asarray(ROUTINGS["skewed"], jnp.int32)
   for backend in BACKENDS:
@@ -168,7 +183,7 @@ def test_bfloat16_activations(params):
 
 
 @pytest.mark.parametrize("change, match", [
-    (dict(backend="pallas"), r"backend='pallas' .*expected one of \('auto', 'gather'"),
+    (dict(backend="megablox"), r"backend='megablox' .*expected one of \('auto', 'gather'"),
     (dict(combine_weights=jnp.ones((T, K + 1))), r"combine_weights.shape=\(32, 3\).*expert_ids"),
     (dict(expert_ids=jnp.zeros((T - 1, K), jnp.int32)), r"expert_ids.shape=\(31, 2\)"),
     (dict(expert_ids=jnp.zeros((T, K))), r"expert_ids.dtype=float32.*integer"),
