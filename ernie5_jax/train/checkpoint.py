@@ -58,7 +58,11 @@ def create_manager(workdir: str, *, keep: int, async_save: bool) -> ocp.Checkpoi
   # cleanup_tmp_directories: drop the half-written step of a killed run on restart.
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                          create=True, cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(epath.Path(workdir) / CHECKPOINT_SUBDIR, options=options,
+  # orbax needs an absolute path (a relative --workdir fails inside the async save).
+  directory = epath.Path(workdir)
+  if "://" not in workdir:  # Local paths; gs:// and the like are already absolute.
+    directory = epath.Path(os.path.abspath(workdir))
+  return ocp.CheckpointManager(directory / CHECKPOINT_SUBDIR, options=options,
                                item_handlers=_handlers())
 
 

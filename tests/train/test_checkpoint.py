@@ -82,6 +82,20 @@ def test_round_trip_restores_state_and_data_position(tmp_path, async_save):
     np.testing.assert_array_equal(value, upcoming[key])
 
 
+def test_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
+  # The README's command passes --workdir=workdirs/tiny: orbax's async save needs an
+  # absolute path, which create_manager must supply.
+  monkeypatch.chdir(tmp_path)
+  manager = checkpoint.create_manager("workdirs/run", keep=2, async_save=True)
+  checkpoint.save(manager, _state(seed=1, step=3), _iterator())
+  manager.wait_until_finished()
+  assert os.path.isdir(tmp_path / "workdirs/run" / checkpoint.CHECKPOINT_SUBDIR / "3")
+  restored = checkpoint.restore(checkpoint.create_manager("workdirs/run", keep=2,
+                                                          async_save=True),
+                                _abstract(), _iterator())
+  _assert_trees_equal(restored, _state(seed=1, step=3))
+
+
 def test_latest_step_is_restored_and_only_n_are_kept(tmp_path):
   manager = checkpoint.create_manager(str(tmp_path), keep=2, async_save=True)
   data = _iterator()
