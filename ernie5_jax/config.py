@@ -175,67 +175,75 @@ def _get(config: ml_collections.ConfigDict, path: str) -> Any:
   return node
 
 
-def _fail(path: str, value: Any, accepted: str) -> None:
+def fail(path: str, value: Any, accepted: str) -> None:
+  """Raises ConfigError naming config.<path>, its value and what is accepted."""
   raise ConfigError(f"config.{path}={value!r} is not accepted: {accepted}")
+
+
+
+def check_ranges(config: ml_collections.ConfigDict, *, positive: tuple[str, ...] = (),
+                 non_negative: tuple[str, ...] = ()) -> None:
+  """Raises ConfigError for the first dotted field not > 0 (positive) or not >= 0."""
+  for path in positive:
+    if not _get(config, path) > 0:
+      fail(path, _get(config, path), "expected a value > 0")
+  for path in non_negative:
+    if not _get(config, path) >= 0:
+      fail(path, _get(config, path), "expected a value >= 0")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError on an invalid or inconsistent config; cheap, no compile."""
   for path, choices in _CHOICES.items():
     if _get(config, path) not in choices:
-      _fail(path, _get(config, path), f"expected one of {choices}")
-  for path in _POSITIVE:
-    if not _get(config, path) > 0:
-      _fail(path, _get(config, path), "expected a value > 0")
-  for path in _NON_NEGATIVE:
-    if not _get(config, path) >= 0:
-      _fail(path, _get(config, path), "expected a value >= 0")
+      fail(path, _get(config, path), f"expected one of {choices}")
+  check_ranges(config, positive=_POSITIVE, non_negative=_NON_NEGATIVE)
 
   m = config.model
   if m.top_k > m.num_experts:
-    _fail("model.top_k", m.top_k, f"expected <= model.num_experts={m.num_experts}")
+    fail("model.top_k", m.top_k, f"expected <= model.num_experts={m.num_experts}")
   if m.num_heads % m.num_kv_heads:
-    _fail("model.num_kv_heads", m.num_kv_heads,
+    fail("model.num_kv_heads", m.num_kv_heads,
           f"expected a divisor of model.num_heads={m.num_heads}")
   if m.num_heads * m.head_dim != m.d_model:
-    _fail("model.head_dim", m.head_dim,
+    fail("model.head_dim", m.head_dim,
           f"expected model.num_heads * model.head_dim == model.d_model "
           f"({m.num_heads} * {m.head_dim} != {m.d_model})")
   if m.head_dim % 2:
-    _fail("model.head_dim", m.head_dim, "expected an even number (rotary pairs)")
+    fail("model.head_dim", m.head_dim, "expected an even number (rotary pairs)")
   sections = tuple(m.rope_sections)
   if len(sections) != 3 or any(s < 0 for s in sections) or sum(sections) != m.head_dim // 2:
-    _fail("model.rope_sections", sections,
+    fail("model.rope_sections", sections,
           f"expected 3 non-negative ints (t, h, w) summing to model.head_dim // 2 = "
           f"{m.head_dim // 2}")
   if m.num_dense_layers > m.num_layers:
-    _fail("model.num_dense_layers", m.num_dense_layers,
+    fail("model.num_dense_layers", m.num_dense_layers,
           f"expected <= model.num_layers={m.num_layers}")
   if config.optimizer.decay_fraction > 1:
-    _fail("optimizer.decay_fraction", config.optimizer.decay_fraction, "expected <= 1")
+    fail("optimizer.decay_fraction", config.optimizer.decay_fraction, "expected <= 1")
   if config.optimizer.warmup_steps + config.optimizer.decay_fraction * config.train.num_steps > \
       config.train.num_steps:
-    _fail("optimizer.warmup_steps", config.optimizer.warmup_steps,
+    fail("optimizer.warmup_steps", config.optimizer.warmup_steps,
           f"expected warmup + decay_fraction * train.num_steps <= train.num_steps="
           f"{config.train.num_steps}")
   if config.optimizer.min_lr_ratio > 1:
-    _fail("optimizer.min_lr_ratio", config.optimizer.min_lr_ratio, "expected <= 1")
+    fail("optimizer.min_lr_ratio", config.optimizer.min_lr_ratio, "expected <= 1")
   if config.data.source == "synthetic" and config.data.num_modalities > 2:
-    _fail("data.num_modalities", config.data.num_modalities,
+    fail("data.num_modalities", config.data.num_modalities,
           "the synthetic source makes 1 (text) or 2 (text, image)")
   source = config.data.source
   if not (source in DATA_SOURCES or (isinstance(source, str) and source.startswith(
       TEXT_SOURCE_PREFIXES) and source.partition(":")[2])):
-    _fail("data.source", source, f"expected one of {DATA_SOURCES}, 'tfds:NAME[/CONFIG]' or "
+    fail("data.source", source, f"expected one of {DATA_SOURCES}, 'tfds:NAME[/CONFIG]' or "
           "'seqio:NAME'")
   ob = config.objective
   if not 0 <= ob.loss_ema_decay < 1:
-    _fail("objective.loss_ema_decay", ob.loss_ema_decay, "expected 0 <= decay < 1")
+    fail("objective.loss_ema_decay", ob.loss_ema_decay, "expected 0 <= decay < 1")
   if source != "synthetic":
     _check_data_vocabulary(config)
   weights = tuple(ob.audio_level_weights)
   if len(weights) != m.audio_levels - 1 or any(w < 0 for w in weights):
-    _fail("objective.audio_level_weights", weights,
+    fail("objective.audio_level_weights", weights,
           f"expected model.audio_levels - 1 = {m.audio_levels - 1} weights >= 0 (levels 2..K)")
 
 
@@ -256,16 +264,16 @@ def _check_data_vocabulary(config: ml_collections.ConfigDict) -> None:
     for field in ("image_scales", "video_scales"):
       want = tuple(d[field])
       if not want or want != scales[:len(want)]:
-        _fail(f"data.{field}", want, f"expected a prefix of the image tokenizer's scales "
+        fail(f"data.{field}", want, f"expected a prefix of the image tokenizer's scales "
               f"{scales}")
   if m.vocab_size != layout.vocab_size:
-    _fail("model.vocab_size", m.vocab_size,
+    fail("model.vocab_size", m.vocab_size,
           f"expected the data's vocabulary size {layout.vocab_size} "
           f"(data.source={d.source!r}); experiments set model.vocab_size = "
           "input_pipeline.multimodal.vocabulary_layout(config.data).vocab_size")
   if m.audio_levels > layout.audio_levels:
-    _fail("model.audio_levels", m.audio_levels,
+    fail("model.audio_levels", m.audio_levels,
           f"expected 1..{layout.audio_levels} (the data's audio codec levels)")
   if m.audio_levels > 1 and m.audio_codebook_size != layout.audio_codebook_size:
-    _fail("model.audio_codebook_size", m.audio_codebook_size,
+    fail("model.audio_codebook_size", m.audio_codebook_size,
           f"expected the data's audio codebook size {layout.audio_codebook_size}")

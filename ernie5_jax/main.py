@@ -4,13 +4,17 @@
   python -m ernie5_jax.main --config=experiments/tiny.py --workdir=/tmp/tiny \
       --config.train.num_steps=20 --config.model.top_k=1
 
+  python -m ernie5_jax.main --config=experiments/m2cp_shapes.py:frac=0.02 --workdir=/tmp/m2cp
+
 Trains from the latest checkpoint in --workdir (or from scratch) to
 config.train.num_steps; running it again resumes, or says there is nothing to do.
+config.trainer picks the model family (FAMILIES; absent: "lm").
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import logging as py_logging
 import runpy
 import sys
@@ -22,6 +26,10 @@ from ml_collections import config_flags
 from ernie5_jax import config as config_lib
 
 MODES = ("train",)  # eval and export come with their own issues.
+# config.trainer -> (the family's config module with validate(), its trainer module with
+# train_and_evaluate() and NonFiniteLossError); a config without `trainer` is "lm".
+FAMILIES = {"lm": ("ernie5_jax.config", "ernie5_jax.train.loop"),
+            "m2cp": ("ernie5_jax.m2cp.config", "ernie5_jax.m2cp.train")}
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py).",
@@ -76,8 +84,13 @@ def main(argv: list[str]) -> None:
   """Validates the config, then runs --mode."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    config_lib.validate(FLAGS.config)  # Before any import of the trainer or compile.
+  family = FLAGS.config.get("trainer", "lm")
+  if family not in FAMILIES:
+    sys.exit(f"error: config.trainer={family!r} is not accepted: expected one of "
+             f"{sorted(FAMILIES)}")
+  config_module, trainer_module = FAMILIES[family]
+  try:  # The family's own validate(), before any import of the trainer or compile.
+    importlib.import_module(config_module).validate(FLAGS.config)
   except config_lib.ConfigError as e:
     sys.exit(f"error: {e}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
@@ -86,7 +99,8 @@ def main(argv: list[str]) -> None:
   # (clu's TensorBoard writer).
   import jax  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from ernie5_jax.train import checkpoint, loop  # pylint: disable=g-import-not-at-top
+  from ernie5_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  trainer = importlib.import_module(trainer_module)
 
   # TF is only used to write TensorBoard events: hide accelerators from it so that it
   # reserves no memory JAX needs (as in the Flax examples).
@@ -94,9 +108,9 @@ def main(argv: list[str]) -> None:
   logging.info("JAX %s, process %d of %d, devices: %s", jax.__version__, jax.process_index(),
                jax.process_count(), jax.devices())
   try:
-    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (checkpoint.WorkdirError, checkpoint.CheckpointMismatchError,
-          loop.NonFiniteLossError) as e:
+          trainer.NonFiniteLossError) as e:
     # Errors the user fixes from the command line: one clear line, no traceback.
     sys.exit(f"error: {type(e).__name__}: {e}")
 

@@ -1,0 +1,1 @@
+"""ModelNet40 for M2CP, read from a manual-download directory (nothing is fetched)."""

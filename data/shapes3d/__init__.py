@@ -1,0 +1,1 @@
+"""Embedded procedural 3-D shapes (point cloud, mesh, 12 views) for offline M2CP runs."""

@@ -1,0 +1,257 @@
+"""The M2CP trainer: one linear function cut into labelled sections (as ernie5_jax/train/loop.py).
+
+Reuses the LM family's TrainState (params + non-trainable rest, here the prototypes),
+orbax checkpoint module (model / optimizer / step / grain iterator state), clu writers
+and progress reporting. Metrics are fetched every train.log_every steps and before each
+checkpoint; a non-finite loss or parameter stops the run before it is saved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, periodic_actions
+from flax import nnx
+
+from ernie5_jax.m2cp import config as config_lib
+from ernie5_jax.m2cp import data as data_lib
+from ernie5_jax.m2cp import losses
+from ernie5_jax.m2cp import metrics as metrics_lib
+from ernie5_jax.m2cp.model import MODALITIES, M2CPModel
+from ernie5_jax.train import checkpoint
+from ernie5_jax.train.state import TrainState, num_params
+
+EVAL_FILE = "eval_metrics.json"  # <workdir>/eval_metrics.json: {step: metrics} of each eval.
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss or the updated parameters became NaN or infinite."""
+
+
+def create_optimizer(config: ml_collections.ConfigDict):
+  """AdamW with linear warmup and cosine decay, after an optional global-norm clip."""
+  o = config.optimizer
+  schedule = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, o.warmup_steps,
+                                                max(config.train.num_steps, o.warmup_steps + 1))
+  parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip else []
+  return optax.chain(*parts, optax.adamw(schedule, weight_decay=o.weight_decay)), schedule
+
+
+def _new_state(model: M2CPModel, tx) -> TrainState:
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
+                    opt_state=tx.init(params))
+
+
+def create_state(config, view_size: int, tx, *, abstract: bool):
+  """(graphdef, TrainState): ShapeDtypeStruct leaves if abstract, else initialised in one jit."""
+  make = lambda: M2CPModel(config.model, view_size, rngs=nnx.Rngs(config.seed))
+  graphdef, _, _ = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
+  if abstract:
+    return graphdef, jax.eval_shape(lambda: _new_state(make(), tx))
+  return graphdef, jax.jit(lambda: _new_state(make(), tx))()
+
+
+def make_train_step(config, graphdef, tx, schedule, *, with_unlabelled: bool):
+  """Returns the jitted step (state, batch) -> (state, metrics); batch rows: labelled first."""
+  lo, bl = config.loss, config.data.labelled_batch_size
+
+  def loss_fn(params, rest, batch, step):
+    out = nnx.merge(graphdef, params, rest)(batch)
+    y = batch["label"][:bl]  # [B_l]
+    ce = {m: losses.cross_entropy(out[f"logits/{m}"][:bl], y) for m in (*MODALITIES, "fused")}
+    total = lo.ce_weight * sum(ce[m] for m in MODALITIES) + lo.fused_ce_weight * ce["fused"]
+    metrics = {f"ce/{m}": v for m, v in ce.items()}
+    metrics["train_accuracy/fused"] = jnp.mean(jnp.argmax(out["logits/fused"][:bl], -1) == y)
+    proto_args = None
+    if with_unlabelled:
+      proj = {m: out[f"proj/{m}"][bl:] for m in MODALITIES}  # [B_u, proj]
+      pairs = [(a, b) for i, a in enumerate(MODALITIES) for b in MODALITIES[i + 1:]]
+      cons = jnp.mean(jnp.stack([losses.nt_xent(proj[a], proj[b], lo.consistency_temperature)
+                                 for a, b in pairs]))
+      pseudo, confident = losses.pseudo_labels(out["logits/fused"][bl:],
+                                               lo.pseudo_label_threshold)
+      targets = jnp.concatenate([y, pseudo])  # [B]
+      weights = jnp.concatenate([jnp.ones((bl,), jnp.float32), confident])  # [B]
+      feats = [out[f"feat/{m}"] for m in MODALITIES]
+      m2cp = losses.m2cp_loss(feats, rest["prototypes"].value, targets, weights,
+                              lo.m2cp_temperature)
+      ramp = losses.rampup(step, lo.rampup_steps)
+      total = total + lo.consistency_weight * cons + ramp * lo.m2cp_weight * m2cp
+      true_u = batch["label"][bl:]  # Monitoring only: never enters a loss.
+      metrics.update({
+          "nt_xent": cons, "m2cp": m2cp, "m2cp_ramp": ramp,
+          "pseudo/fraction": jnp.mean(confident),
+          "pseudo/accuracy": jnp.sum((pseudo == true_u) * confident) / jnp.maximum(
+              jnp.sum(confident), 1.0)})
+      proto_args = ([jax.lax.stop_gradient(f) for f in feats], targets, weights)
+    metrics["loss"] = total
+    return total, (metrics, proto_args)
+
+  @jax.jit
+  def train_step(state: TrainState, batch):
+    grads, (metrics, proto_args) = jax.grad(loss_fn, has_aux=True)(
+        state.params, state.rest, batch, state.step)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    rest = state.rest
+    if proto_args is not None:
+      model = nnx.merge(graphdef, params, rest)
+      model.prototypes.value = losses.update_prototypes(
+          model.prototypes.value, *proto_args, lo.prototype_momentum)
+      _, _, rest = nnx.split(model, nnx.Param, ...)
+    metrics["learning_rate"] = schedule(state.step)
+    metrics["params_finite"] = jnp.all(jnp.stack(
+        [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
+    return state.replace(step=state.step + 1, params=params, rest=rest,
+                         opt_state=opt_state), metrics
+
+  return train_step
+
+
+def make_eval_fn(graphdef):
+  """Jitted (params, rest, batch) -> {"feat/m", "logits/m", "logits/fused"}."""
+
+  @jax.jit
+  def eval_fn(params, rest, batch):
+    out = nnx.merge(graphdef, params, rest)(batch)
+    return {k: v for k, v in out.items() if not k.startswith("proj/")}
+
+  return eval_fn
+
+
+def evaluate(eval_fn, state: TrainState, test_batches, labels: np.ndarray) -> dict[str, float]:
+  """Runs the test set; returns metrics_lib.evaluate's accuracy and mAP figures."""
+  chunks = []
+  for batch, valid in test_batches:
+    out = jax.device_get(eval_fn(state.params, state.rest, batch))
+    chunks.append({k: v[:valid] for k, v in out.items()})
+  outputs = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+  return metrics_lib.evaluate(outputs, labels)
+
+
+def _check_finite(pending, manager) -> None:
+  for step, m in pending:
+    loss = float(m["loss"])
+    if np.isfinite(loss) and m["params_finite"]:
+      continue
+    manager.wait_until_finished()
+    latest = manager.latest_step()
+    kept = (f"the last good checkpoint (step {latest}) in {manager.directory} is kept"
+            if latest is not None else "no checkpoint had been written yet")
+    what = (f"non-finite loss ({loss})" if not np.isfinite(loss) else
+            f"non-finite parameters after the update (loss {loss:.4g})")
+    raise NonFiniteLossError(f"{what} at step {step}: stopping without saving this state; "
+                             f"{kept}. Lower config.optimizer.learning_rate or check the data.")
+
+
+def _write_eval(workdir: str, step: int, result: dict[str, float]) -> None:
+  path = os.path.join(workdir, EVAL_FILE)
+  saved = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+  saved[str(step)] = result
+  with open(path, "w") as f:
+    json.dump(saved, f, indent=1, sort_keys=True)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains config from the latest checkpoint in workdir (or from scratch) to train.num_steps."""
+  config_lib.validate(config)
+  t = config.train
+
+  # --- logging -------------------------------------------------------------
+  checkpoint.ensure_writable(workdir)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  logging.info("workdir: %s\nconfig:\n%s", workdir, config)
+
+  # --- input ---------------------------------------------------------------
+  arrays = data_lib.load_arrays(config.data)
+  train, test = arrays["train"], arrays["test"]
+  labelled = data_lib.labelled_split(train["label"], config.data.label_fraction,
+                                     config.data.split_seed)
+  with_unlabelled = config_lib.uses_unlabelled(config)
+  logging.info("%d train objects (%d labelled), %d test objects; unlabelled losses: %s",
+               len(train["label"]), len(labelled), len(test["label"]), with_unlabelled)
+  data_iter = data_lib.create_train_iterator(train, labelled, config,
+                                             with_unlabelled=with_unlabelled)
+  test_batches = data_lib.eval_batches(test, config.data)
+
+  # --- model + optimizer + checkpoint ---------------------------------------
+  tx, schedule = create_optimizer(config)
+  view_size = train["views"].shape[-1]
+  graphdef, abstract = create_state(config, view_size, tx, abstract=True)
+  manager = checkpoint.create_manager(workdir, keep=t.keep_checkpoints,
+                                      async_save=t.async_checkpoints)
+  state = checkpoint.restore(manager, abstract, data_iter)
+  if state is None:
+    _, state = create_state(config, view_size, tx, abstract=False)
+    logging.info("Initialised a new model: %d parameters.", num_params(state.params))
+  else:
+    logging.info("Resumed from the checkpoint at step %d in %s.", int(state.step),
+                 manager.directory)
+  start_step = int(state.step)
+  if start_step >= t.num_steps:
+    logging.info("Nothing to do: the checkpoint at step %d already reached "
+                 "config.train.num_steps=%d.", start_step, t.num_steps)
+    manager.close()
+    writer.close()
+    return state
+
+  # --- step ----------------------------------------------------------------
+  train_step = make_train_step(config, graphdef, tx, schedule, with_unlabelled=with_unlabelled)
+  eval_fn = make_eval_fn(graphdef)
+
+  # --- loop ----------------------------------------------------------------
+  report = periodic_actions.ReportProgress(num_train_steps=t.num_steps, writer=writer,
+                                           every_steps=t.log_every)
+  unchecked, history = [], []
+  interval_start, interval_steps = time.perf_counter(), 0
+  try:
+    for step in range(start_step + 1, t.num_steps + 1):
+      state, metrics = train_step(state, next(data_iter))
+      unchecked.append((step, metrics))
+      interval_steps += 1
+      report(step)
+      is_last = step == t.num_steps
+      is_log = step % t.log_every == 0 or is_last
+      is_save = step % t.checkpoint_every == 0 or is_last
+      is_eval = step % t.eval_every == 0 or is_last
+      if is_log or is_save or is_eval:
+        fetched = jax.device_get(unchecked)
+        _check_finite(fetched, manager)
+        history += fetched
+        unchecked = []
+      if is_log:
+        summary = {k: float(np.mean([m[k] for _, m in history]))
+                   for k in history[0][1] if k != "params_finite"}
+        summary["perf/steps_per_sec"] = interval_steps / (time.perf_counter() - interval_start)
+        writer.write_scalars(step, summary)
+        history, interval_start, interval_steps = [], time.perf_counter(), 0
+      if is_eval:
+        with report.timed("eval"):
+          result = evaluate(eval_fn, state, test_batches, test["label"])
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
+        if jax.process_index() == 0:
+          _write_eval(workdir, step, result)
+      if is_save:
+        with report.timed("checkpoint", wait_jax_async_dispatch=False):
+          checkpoint.save(manager, state, data_iter)
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
+    writer.close()
+  logging.info("Finished training at step %d; checkpoints in %s.", int(state.step),
+               manager.directory)
+  return state

@@ -1,0 +1,80 @@
+"""Losses against naive formulas and hand-computed values."""
+
+import jax.numpy as jnp
+import numpy as np
+
+from ernie5_jax.m2cp import losses
+
+
+def _naive_nt_xent(za, zb, t):
+  z = np.concatenate([za, zb])
+  z = z / np.linalg.norm(z, axis=1, keepdims=True)
+  n, b = len(z), len(za)
+  total = 0.0
+  for i in range(n):
+    pos = (i + b) % n
+    denom = sum(np.exp(z[i] @ z[k] / t) for k in range(n) if k != i)
+    total += -np.log(np.exp(z[i] @ z[pos] / t) / denom)
+  return total / n
+
+
+def test_nt_xent_matches_naive():
+  rng = np.random.default_rng(0)
+  za, zb = rng.normal(size=(2, 5, 7))
+  got = losses.nt_xent(jnp.asarray(za), jnp.asarray(zb), 0.5)
+  np.testing.assert_allclose(got, _naive_nt_xent(za, zb, 0.5), rtol=1e-5)
+
+
+def test_nt_xent_perfect_pairs_below_random():
+  z = np.eye(4, 8) * 3
+  assert losses.nt_xent(jnp.asarray(z), jnp.asarray(z), 0.5) < losses.nt_xent(
+      jnp.asarray(z), jnp.asarray(np.roll(z, 1, 0)), 0.5)
+
+
+def test_pseudo_labels_threshold():
+  logits = jnp.log(jnp.array([[0.96, 0.02, 0.02], [0.94, 0.03, 0.03], [0.01, 0.01, 0.98]]))
+  labels, mask = losses.pseudo_labels(logits, 0.95)
+  np.testing.assert_array_equal(labels, [0, 0, 2])
+  np.testing.assert_array_equal(mask, [1, 0, 1])
+
+
+def test_m2cp_loss_hand_computed():
+  protos = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+  f1 = jnp.array([[2.0, 0.0], [0.0, 3.0], [1.0, 1.0]])  # cos: (1, 0), (0, 1), (.707, .707)
+  labels = jnp.array([0, 0, 1])
+  weights = jnp.array([1.0, 1.0, 0.0])  # Third row: an unconfident pseudo-label.
+  t = 0.5
+  # Row 0: CE([2, 0], 0) = log(1 + e^-2); row 1: CE([0, 2], 0) = log(1 + e^2).
+  want = (np.log1p(np.exp(-2.0)) + np.log1p(np.exp(2.0))) / 2
+  got = losses.m2cp_loss([f1, 5 * f1], protos, labels, weights, t)  # Scale-free: both equal.
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_cross_entropy_weighted_and_plain():
+  logits = jnp.array([[0.0, 0.0], [2.0, 0.0]])
+  labels = jnp.array([0, 1])
+  np.testing.assert_allclose(losses.cross_entropy(logits, labels),
+                             (np.log(2) + np.log1p(np.exp(2.0))) / 2, rtol=1e-6)
+  np.testing.assert_allclose(losses.cross_entropy(logits, labels, jnp.array([1.0, 0.0])),
+                             np.log(2), rtol=1e-6)
+
+
+def test_rampup_sigmoid_shape():
+  np.testing.assert_allclose(losses.rampup(jnp.array(0), 100), np.exp(-5), rtol=1e-6)
+  np.testing.assert_allclose(losses.rampup(jnp.array(50), 100), np.exp(-1.25), rtol=1e-6)
+  assert float(losses.rampup(jnp.array(300), 100)) == 1.0
+  assert float(losses.rampup(jnp.array(0), 0)) == 1.0
+
+
+def test_update_prototypes_ema_of_class_means():
+  protos = jnp.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+  fa = jnp.array([[0.0, 2.0], [1.0, 0.0], [5.0, 5.0]])
+  fb = jnp.array([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+  labels = jnp.array([0, 1, 1])
+  weights = jnp.array([1.0, 1.0, 0.0])  # Row 2 does not count.
+  got = np.asarray(losses.update_prototypes(protos, [fa, fb], labels, weights, 0.5))
+  # Class 0: mean of unit (0, 1), (0, 1) -> (0, 1); 0.5 (1, 0) + 0.5 (0, 1) normalised.
+  np.testing.assert_allclose(got[0], [np.sqrt(0.5), np.sqrt(0.5)], rtol=1e-5)
+  # Class 1: mean direction (1, 0); 0.5 (0, 1) + 0.5 (1, 0) normalised.
+  np.testing.assert_allclose(got[1], [np.sqrt(0.5), np.sqrt(0.5)], rtol=1e-5)
+  np.testing.assert_allclose(got[2], [0.6, 0.8], rtol=1e-6)  # Absent class: unchanged.
