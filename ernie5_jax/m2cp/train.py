@@ -28,7 +28,7 @@ from ernie5_jax.m2cp import losses
 from ernie5_jax.m2cp import metrics as metrics_lib
 from ernie5_jax.m2cp.model import MODALITIES, M2CPModel
 from ernie5_jax.train import checkpoint
-from ernie5_jax.train.state import TrainState, num_params
+from ernie5_jax.train.state import TrainState
 
 EVAL_FILE = "eval_metrics.json"  # <workdir>/eval_metrics.json: {step: metrics} of each eval.
 
@@ -193,13 +193,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   graphdef, abstract = create_state(config, view_size, tx, abstract=True)
   manager = checkpoint.create_manager(workdir, keep=t.keep_checkpoints,
                                       async_save=t.async_checkpoints)
-  state = checkpoint.restore(manager, abstract, data_iter)
-  if state is None:
-    _, state = create_state(config, view_size, tx, abstract=False)
-    logging.info("Initialised a new model: %d parameters.", num_params(state.params))
-  else:
-    logging.info("Resumed from the checkpoint at step %d in %s.", int(state.step),
-                 manager.directory)
+  state = checkpoint.restore_or_init(
+      manager, abstract, data_iter,
+      lambda: create_state(config, view_size, tx, abstract=False)[1])
   start_step = int(state.step)
   if start_step >= t.num_steps:
     logging.info("Nothing to do: the checkpoint at step %d already reached "

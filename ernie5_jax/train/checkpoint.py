@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
-from ernie5_jax.train.state import TrainState
+from ernie5_jax.train.state import TrainState, num_params
 
 CHECKPOINT_SUBDIR = "checkpoints"
 _MAX_REPORTED = 5  # Mismatched paths listed in one error.
@@ -148,3 +149,17 @@ def restore(manager: ocp.CheckpointManager, abstract: TrainState,
         f"expected {step}")
   return TrainState.from_checkpoint({"model": restored["model"],
                                      "optimizer": restored["optimizer"], "step": step})
+
+
+def restore_or_init(manager: ocp.CheckpointManager, abstract: TrainState,
+                    data_iter: grain.DatasetIterator,
+                    init: Callable[[], TrainState]) -> TrainState:
+  """The latest checkpoint restored into `abstract` (and data_iter), else init(); logs which."""
+  state = restore(manager, abstract, data_iter)
+  if state is None:
+    state = init()
+    logging.info("Initialised a new model: %d parameters.", num_params(state.params))
+  else:
+    logging.info("Resumed from the checkpoint at step %d in %s.", int(state.step),
+                 manager.directory)
+  return state

@@ -104,13 +104,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
   # --- checkpoint (restore the latest, else initialise) -------------------
   manager = checkpoint.create_manager(workdir, keep=t.keep_checkpoints,
                                       async_save=t.async_checkpoints)
-  state = checkpoint.restore(manager, abstract, data_iter)
-  if state is None:
-    _, state = state_lib.init_train_state(config, tx, sharding=replicated)
-    logging.info("Initialised a new model: %d parameters.", state_lib.num_params(state.params))
-  else:
-    logging.info("Resumed from the checkpoint at step %d in %s.", int(state.step),
-                 manager.directory)
+  state = checkpoint.restore_or_init(
+      manager, abstract, data_iter,
+      lambda: state_lib.init_train_state(config, tx, sharding=replicated)[1])
   start_step = int(state.step)
   if start_step >= t.num_steps:
     logging.info("Nothing to do: the checkpoint at step %d already reached "
