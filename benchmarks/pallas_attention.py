@@ -20,7 +20,6 @@ import argparse
 import json
 import pathlib
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -30,18 +29,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import pallas_kernels  # noqa: E402
+from benchmarks.timing import median_ms  # noqa: E402
 from pallas_kernels import attention_mask  # noqa: E402
-
-
-def _time_ms(fn, args, iters: int) -> float:
-  """Median wall time of jitted fn(*args) in milliseconds, after one warm-up call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - start) * 1e3)
-  return float(np.median(times))
 
 
 def _group_layout(batch: int, seq: int, span: int) -> np.ndarray:
@@ -124,7 +113,7 @@ def main(argv=None) -> int:
       for pass_name, (compiled, flops) in passes.items():
         row = {"mask": mask_name, "impl": name, "pass": pass_name}
         try:
-          ms = _time_ms(compiled, (q, k, v, grp), args.iters)
+          ms = median_ms(compiled, (q, k, v, grp), args.iters)
           row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
         except Exception as e:  # e.g. a cuDNN build without this mask / head layout
           row.update(ms=None, tflops=None, error=f"{type(e).__name__}: {str(e)[:200]}")

@@ -18,7 +18,6 @@ import argparse
 import json
 import pathlib
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -28,17 +27,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import pallas_kernels  # noqa: E402
-
-
-def _time_ms(fn, args, iters: int) -> float:
-  """Median wall time of jitted fn(*args) in milliseconds, after one warm-up call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - start) * 1e3)
-  return float(np.median(times))
+from benchmarks.timing import median_ms  # noqa: E402
 
 
 def _group_sizes(m: int, groups: int, seed: int) -> np.ndarray:
@@ -97,7 +86,7 @@ def main(argv=None) -> int:
         "forward_backward": (jax.jit(jax.grad(loss, argnums=(0, 1))), 3 * flops_fwd),
     }
     for pass_name, (compiled, flops) in passes.items():
-      ms = _time_ms(compiled, (lhs, rhs, sizes), args.iters)
+      ms = median_ms(compiled, (lhs, rhs, sizes), args.iters)
       results.append({"impl": name, "pass": pass_name, "ms": ms,
                       "tflops": flops / (ms * 1e-3) / 1e12})
 
