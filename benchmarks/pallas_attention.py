@@ -17,7 +17,6 @@ Prints a table and writes benchmarks/results/pallas_attention[_smoke].json.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 
@@ -29,7 +28,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import pallas_kernels  # noqa: E402
-from benchmarks.timing import median_ms  # noqa: E402
+from benchmarks.common import median_ms, write_json  # noqa: E402
 from pallas_kernels import attention_mask  # noqa: E402
 
 
@@ -135,17 +134,13 @@ def main(argv=None) -> int:
     else:
       print(f"{r['mask']:<8}{r['impl']:<8}{r['pass']:<18}{r['ms']:>10.3f}{r['tflops']:>10.2f}")
 
-  out = pathlib.Path(args.out) if args.out else (
-      ROOT / "benchmarks" / "results" / f"pallas_attention{'_smoke' if args.smoke else ''}.json")
-  out.parent.mkdir(parents=True, exist_ok=True)
   record = {"benchmark": "pallas_attention", "device": device, "platform": platform,
             "jax_version": jax.__version__, "smoke": args.smoke,
             "shape": {"batch": b, "seq": s, "heads": h, "kv_heads": kv, "head_dim": d,
                       "dtype": args.dtype, "group_span": args.group_span},
             "flops_note": "allowed (query, key) pairs x 4*D forward, x 10*D forward+backward",
             "results": results}
-  out.write_text(json.dumps(record, indent=2))
-  print(f"wrote {out}")
+  write_json(record, f"pallas_attention{'_smoke' if args.smoke else ''}", args.out)
   return 0
 
 

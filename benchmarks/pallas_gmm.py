@@ -15,7 +15,6 @@ Prints a table and writes benchmarks/results/pallas_gmm[_smoke].json.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 
@@ -27,7 +26,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import pallas_kernels  # noqa: E402
-from benchmarks.timing import median_ms  # noqa: E402
+from benchmarks.common import median_ms, write_json  # noqa: E402
 
 
 def _group_sizes(m: int, groups: int, seed: int) -> np.ndarray:
@@ -105,17 +104,13 @@ def main(argv=None) -> int:
   for r in results:
     print(f"{r['impl']:<14}{r['pass']:<18}{r['ms']:>10.3f}{r['tflops']:>10.2f}")
 
-  out = pathlib.Path(args.out) if args.out else (
-      ROOT / "benchmarks" / "results" / f"pallas_gmm{'_smoke' if args.smoke else ''}.json")
-  out.parent.mkdir(parents=True, exist_ok=True)
   record = {"benchmark": "pallas_gmm", "device": device, "platform": platform,
             "jax_version": jax.__version__, "smoke": args.smoke,
             "shape": {"m": args.m, "k": args.k, "n": args.n, "groups": args.groups,
                       "dtype": args.dtype, "group_sizes": sizes_np.tolist()},
             "flops_note": "forward 2*m*k*n, forward+backward 3x that",
             "results": results}
-  out.write_text(json.dumps(record, indent=2))
-  print(f"wrote {out}")
+  write_json(record, f"pallas_gmm{'_smoke' if args.smoke else ''}", args.out)
   return 0
 
 

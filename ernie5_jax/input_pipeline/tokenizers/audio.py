@@ -10,8 +10,6 @@ decode(codes[..., :k]) sums the first k levels' look-ups, so error falls with k.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 
 import numpy as np
 
@@ -78,23 +76,16 @@ class AudioTokenizer:
 
   def save(self, directory: str, extra: dict | None = None) -> None:
     """Writes audio_tokenizer.npz (codebooks) and audio_tokenizer.json (version, spec)."""
-    os.makedirs(directory, exist_ok=True)
-    np.savez(os.path.join(directory, "audio_tokenizer.npz"),
-             **{f"level_{l}": c for l, c in enumerate(self.codebooks)})
     meta = {"version": VERSION, "spec": dataclasses.asdict(self.spec), **(extra or {})}
-    with open(os.path.join(directory, "audio_tokenizer.json"), "w") as f:
-      json.dump(meta, f, indent=2, sort_keys=True)
+    codebooks = {f"level_{l}": c for l, c in enumerate(self.codebooks)}
+    cb.save_codebooks(directory, "audio_tokenizer", codebooks, meta)
 
   @classmethod
   def load(cls, directory: str) -> "AudioTokenizer":
     """Reads a codec written by `save`; raises if its version is not VERSION."""
-    with open(os.path.join(directory, "audio_tokenizer.json")) as f:
-      meta = json.load(f)
-    if meta.get("version") != VERSION:
-      raise ValueError(f"audio tokenizer version={meta.get('version')!r} in {directory} is not "
-                       f"accepted: expected {VERSION!r} (refit with fit_tokenizers)")
+    meta, arrays = cb.load_codebooks(directory, "audio_tokenizer", version=VERSION,
+                                     what="audio tokenizer")
     spec = AudioTokenizerSpec(**meta["spec"])
-    arrays = np.load(os.path.join(directory, "audio_tokenizer.npz"))
     return cls(spec, [arrays[f"level_{l}"] for l in range(spec.levels)])
 
 

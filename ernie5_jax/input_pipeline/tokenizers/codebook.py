@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+from typing import Any
+
 import numpy as np
 
 
@@ -30,3 +34,23 @@ def assign(vectors: np.ndarray, codebook: np.ndarray) -> np.ndarray:
   # |x - c|^2 = |x|^2 - 2 x.c + |c|^2; |x|^2 does not change the argmin.
   dist = (codebook * codebook).sum(-1)[None, :] - 2.0 * flat @ codebook.T  # [n, size]
   return dist.argmin(-1).astype(np.int32).reshape(vectors.shape[:-1])
+
+
+def save_codebooks(directory: str, name: str, codebooks: dict[str, np.ndarray],
+                   meta: dict[str, Any]) -> None:
+  """Writes <name>.npz (the codebooks) and <name>.json (meta: version, spec, ...)."""
+  os.makedirs(directory, exist_ok=True)
+  np.savez(os.path.join(directory, f"{name}.npz"), **codebooks)
+  with open(os.path.join(directory, f"{name}.json"), "w") as f:
+    json.dump(meta, f, indent=2, sort_keys=True)
+
+
+def load_codebooks(directory: str, name: str, *, version: str, what: str
+                   ) -> tuple[dict[str, Any], Any]:
+  """Reads what save_codebooks wrote -> (meta, npz arrays); raises if meta's version differs."""
+  with open(os.path.join(directory, f"{name}.json")) as f:
+    meta = json.load(f)
+  if meta.get("version") != version:
+    raise ValueError(f"{what} version={meta.get('version')!r} in {directory} is not "
+                     f"accepted: expected {version!r} (refit with fit_tokenizers)")
+  return meta, np.load(os.path.join(directory, f"{name}.npz"))

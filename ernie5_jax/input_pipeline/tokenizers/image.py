@@ -15,8 +15,6 @@ Each scale has its own codebook (residual statistics differ by scale).
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 
 import numpy as np
 
@@ -141,23 +139,16 @@ class ImageTokenizer:
 
   def save(self, directory: str, extra: dict | None = None) -> None:
     """Writes image_tokenizer.npz (codebooks) and image_tokenizer.json (version, spec)."""
-    os.makedirs(directory, exist_ok=True)
-    np.savez(os.path.join(directory, "image_tokenizer.npz"),
-             **{f"scale_{s}": c for s, c in zip(self.spec.scales, self.codebooks)})
     meta = {"version": VERSION, "spec": dataclasses.asdict(self.spec), **(extra or {})}
-    with open(os.path.join(directory, "image_tokenizer.json"), "w") as f:
-      json.dump(meta, f, indent=2, sort_keys=True)
+    codebooks = {f"scale_{s}": c for s, c in zip(self.spec.scales, self.codebooks)}
+    cb.save_codebooks(directory, "image_tokenizer", codebooks, meta)
 
   @classmethod
   def load(cls, directory: str) -> "ImageTokenizer":
     """Reads a tokenizer written by `save`; raises if its version is not VERSION."""
-    with open(os.path.join(directory, "image_tokenizer.json")) as f:
-      meta = json.load(f)
-    if meta.get("version") != VERSION:
-      raise ValueError(f"image tokenizer version={meta.get('version')!r} in {directory} is not "
-                       f"accepted: expected {VERSION!r} (refit with fit_tokenizers)")
+    meta, arrays = cb.load_codebooks(directory, "image_tokenizer", version=VERSION,
+                                     what="image tokenizer")
     spec = ImageTokenizerSpec(**{**meta["spec"], "scales": tuple(meta["spec"]["scales"])})
-    arrays = np.load(os.path.join(directory, "image_tokenizer.npz"))
     return cls(spec, [arrays[f"scale_{s}"] for s in spec.scales])
 
 
