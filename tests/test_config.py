@@ -1,12 +1,14 @@
 """Config errors name the field, the value and what is accepted: validate() and CLI overrides."""
 
 import os
+import runpy
 import subprocess
 import sys
 
 import pytest
 
 from ernie5_jax import config as config_lib
+from ernie5_jax.input_pipeline.multimodal import vocabulary_layout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,6 +24,13 @@ def _cli(*overrides):
 
 def test_default_and_tiny_configs_are_valid():
   config_lib.validate(config_lib.default_config())
+  get_config = runpy.run_path("experiments/tiny.py")["get_config"]
+  synthetic, multimodal = get_config("synthetic"), get_config()
+  for config in (synthetic, multimodal):
+    config_lib.validate(config)
+  assert synthetic.data.source == "synthetic"
+  assert multimodal.data.source == "digits_multimodal"  # the README's default data
+  assert multimodal.model.vocab_size == vocabulary_layout(multimodal.data).vocab_size
 
 
 @pytest.mark.parametrize("field,value,message", [

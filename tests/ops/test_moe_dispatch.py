@@ -169,7 +169,11 @@ def test_forward_and_backward_lower_for_accelerators(params, platform):
   for backend in BACKENDS:
     loss = lambda *a: jnp.sum(expert_ffn(a[0], ids, *a[1:], backend=backend) ** 2)
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
-    jax.export.export(grad, platforms=[platform])(x, combine_weights, w_gate, w_up, w_down)
+    exported = jax.export.export(grad, platforms=[platform])(
+        x, combine_weights, w_gate, w_up, w_down)
+    assert exported.platforms == (platform,), backend
+    assert [a.shape for a in exported.out_avals] == [
+        a.shape for a in (x, combine_weights, w_gate, w_up, w_down)], backend
 
 
 def test_bfloat16_activations(params):
