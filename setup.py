@@ -27,5 +27,7 @@ setuptools.setup(
         "scikit-learn",  # Bundled 8x8 digits (embedded dataset) and k-means codebooks.
     ],
     package_data={"ernie5_jax.input_pipeline.tokenizers": ["assets/*.model"]},
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3"]},
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3",
+                             # The notebooks run in CI (tests/test_notebooks.py).
+                             "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6"]},
 )
