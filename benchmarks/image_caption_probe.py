@@ -17,12 +17,13 @@ one-sided binomial p-value against chance (10%); the confusion matrix is printed
 
   python benchmarks/image_caption_probe.py --workdir=/tmp/probe_run
   python benchmarks/image_caption_probe.py --workdir=DIR --config=experiments/tiny.py \
-      --config.model.top_k=1      # repeat the run's --config overrides
+      --config.model.top_k=1      # a run without config.json: repeat its --config overrides
 
-The model is restored from the latest (or --step) orbax checkpoint in --workdir; the
-workdir does not store the config, so --config (default experiments/tiny.py) and its
---config.* overrides must be the training run's: array shapes are checked against the
-checkpoint, but non-shape fields (e.g. model.top_k, data.image_scales) are not.
+The model and its config are restored from the latest (or --step) orbax checkpoint in
+--workdir with train/checkpoint.py restore_model (the config.json the trainer writes
+into the workdir). Workdirs written before the trainer stored its config need --config
+and the run's --config.* overrides: array shapes are checked against the checkpoint,
+but non-shape fields (e.g. model.top_k, data.image_scales) are not.
 
 Documented runs (2-core CPU shared with other jobs; all 297 test digits; probe ~20-40 s):
   python -m ernie5_jax.main --config=experiments/tiny.py --workdir=/tmp/probe_run_1500 \
@@ -53,13 +54,9 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-import grain  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-import orbax.checkpoint as ocp  # noqa: E402
-from absl import app, flags  # noqa: E402
-from etils import epath  # noqa: E402
-from flax import nnx  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 import data as data_lib  # noqa: E402
@@ -69,8 +66,7 @@ from ernie5_jax.eval import scoring  # noqa: E402
 from ernie5_jax.input_pipeline import multimodal  # noqa: E402
 from ernie5_jax.input_pipeline import sequence as seq_lib  # noqa: E402
 from ernie5_jax.input_pipeline import tokenizers as tok_lib  # noqa: E402
-from ernie5_jax.train import checkpoint, optimizer  # noqa: E402
-from ernie5_jax.train import state as state_lib  # noqa: E402
+from ernie5_jax.train import checkpoint  # noqa: E402
 
 NUM_CLASSES = len(digits_gen.WORDS)
 # The caption templates the data is generated with (one drawn per record); private there,
@@ -79,9 +75,9 @@ TEMPLATES = digits_gen._CAPTIONS  # pylint: disable=protected-access
 Z95 = 1.959963984540054  # Standard normal 97.5% quantile.
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", str(ROOT / "experiments" / "tiny.py"),
-                                "The training run's experiment config (+ its overrides).",
-                                lock_config=True)
+config_flags.DEFINE_config_file("config", None,
+                                "Only for a workdir without config.json: the training run's "
+                                "experiment config (+ its overrides).", lock_config=True)
 flags.DEFINE_string("workdir", None, "The training run's --workdir (orbax checkpoints).")
 flags.DEFINE_integer("step", None, "Checkpoint step to restore (default: the latest).")
 flags.DEFINE_integer("num_examples", digits_gen.NUM_TEST,
@@ -90,33 +86,6 @@ flags.DEFINE_integer("seed", 0, "Picks the subset when --num_examples < the test
 flags.DEFINE_string("out", str(ROOT / "benchmarks" / "results" / "image_caption_probe.json"),
                     "Where to write the JSON results.")
 flags.mark_flag_as_required("workdir")
-
-
-def restore_model(config, workdir: str, step: int | None = None) -> tuple[nnx.Module, int]:
-  """The decoder of config restored from workdir's checkpoint `step` (default: the latest)."""
-  tx, _ = optimizer.create_optimizer(config)
-  graphdef, abstract = state_lib.abstract_train_state(config, tx)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          abstract)
-  # Read-only: never creates, deletes or cleans up anything in a run's workdir.
-  manager = ocp.CheckpointManager(
-      epath.Path(workdir) / checkpoint.CHECKPOINT_SUBDIR,
-      options=ocp.CheckpointManagerOptions(read_only=True),
-      item_handlers={"model": ocp.StandardCheckpointHandler(),
-                     "optimizer": ocp.StandardCheckpointHandler(),
-                     "step": ocp.JsonCheckpointHandler(),
-                     "data": grain.checkpoint.CheckpointHandler()})  # Known, not restored.
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"--workdir={workdir!r} has no checkpoint under "
-                            f"{checkpoint.CHECKPOINT_SUBDIR}/: expected a trained run's workdir")
-  checkpoint.check_compatible(manager, step, abstract)  # Shapes, before restoring anything.
-  restored = manager.restore(step, args=ocp.args.Composite(
-      model=ocp.args.StandardRestore(abstract.model_state())))
-  manager.close()
-  params, rest = restored["model"].split(nnx.Param, ...)
-  return nnx.merge(graphdef, params, rest), int(step)
 
 
 def test_records(config, num_examples: int, seed: int):
@@ -159,13 +128,16 @@ def main(argv: list[str]) -> None:
   """Restores the model, scores every candidate caption of every test digit, reports."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = FLAGS.config
+  start = time.perf_counter()
+  loc = checkpoint.locate(FLAGS.workdir, FLAGS.step)
+  if loc.config_path is not None and FLAGS.config is not None:
+    logging.warning("Using %s; --config is only read for workdirs without it.", loc.config_path)
+  config, model = checkpoint.restore_model(loc, None if loc.config_path else FLAGS.config)
+  step = loc.step
   config_lib.validate(config)
   if config.data.source != "digits_multimodal":
     raise ValueError(f"config.data.source={config.data.source!r} is not accepted: the probe "
                      "needs a run trained on 'digits_multimodal'")
-  start = time.perf_counter()
-  model, step = restore_model(config, FLAGS.workdir, FLAGS.step)
   tokenizers, layout, records = test_records(config, FLAGS.num_examples, FLAGS.seed)
 
   # Candidate captions [class][template] -> ids, with the data's own formatting.

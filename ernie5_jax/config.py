@@ -20,6 +20,17 @@ DTYPES = ("float32", "bfloat16")
 DATA_SOURCES = ("synthetic", "digits_multimodal")
 TEXT_SOURCE_PREFIXES = ("tfds:", "seqio:")
 LOSS_WEIGHTINGS = ("posterior", "uniform")
+# Device-mesh axes, outermost first (ernie5_jax/sharding.py explains each).
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+DISTRIBUTED_INIT = ("auto", "always", "never")
+# Logical axis name -> mesh axes ("a,b"; "" = replicated): config.mesh.rules. Activations:
+# batch, seq, act_embed; parameters: the names model code gives them (model/layers.py param).
+DEFAULT_MESH_RULES = {
+    "batch": "data,fsdp,expert", "seq": "", "act_embed": "",
+    "vocab": "tensor", "embed": "fsdp,expert", "q_heads": "tensor", "kv_heads": "tensor",
+    "head_dim": "", "mlp": "tensor", "expert": "expert", "expert_mlp": "tensor", "layers": "",
+    "audio_level": "", "audio_vocab": "", "mtp_concat": "", "modality": "",
+}
 # Task weights of the embedded multimodal data (input_pipeline/sequence.py TASKS + "text");
 # text_to_video is on, so that video has a (generation) loss too.
 DEFAULT_TASKS = {"caption_to_image": 1.0, "image_to_caption": 1.0, "video_to_text": 1.0,
@@ -103,6 +114,9 @@ def default_config() -> ml_collections.ConfigDict:
   d.video_scales = (1, 2, 4)  # The same, per video frame.
   d.video_frames = 2  # Frames kept per clip (evenly spaced).
   d.skip_corrupt = False  # Skip (and count) unreadable records instead of raising.
+  # Split the training pipeline reads (embedded and tfds:/seqio: sources); the eval job reads
+  # eval.split instead.
+  d.split = "train"
 
   # --- objective: next-group-of-tokens (ernie5_jax/train/objective.py) ------
   ob = c.objective = ml_collections.ConfigDict()
@@ -136,6 +150,82 @@ def default_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3  # Checkpoints kept on disk.
   t.async_checkpoints = True  # Save in the background (orbax async).
   t.profile_steps = 0  # Steps to trace with the profiler after warm-up; 0 disables.
+
+  # --- elastic training: one run trains a family of sub-models (ernie5_jax/model/elastic.py) ---
+  # ERNIE 5.0 (arXiv 2602.04705): each optimizer step trains the full model on micro-batch 0
+  # and a sub-model sampled per micro-batch (depth, routed experts, top-k) on the others.
+  # A sub-model keeps the full value of each axis with the *_prob below, else draws
+  # uniformly from that axis's choices; an axis without choices always stays full.
+  el = c.elastic = ml_collections.ConfigDict()
+  el.enabled = False  # Train the family (experiments turn it on); False: the full model only.
+  # Micro-batches the global batch is split into (>= 2 when enabled; divides
+  # data.global_batch_size): 0 = full model, each other one a sampled sub-model; the step
+  # averages their gradients.
+  el.micro_batches = 2
+  el.full_depth_prob = 0.75  # P(all model.num_layers layers).
+  el.full_experts_prob = 0.8  # P(all model.num_experts routed experts).
+  el.full_top_k_prob = 0.8  # P(model.top_k experts per token).
+  # Depths (layers kept, dense ones included) below model.num_layers, each >= 2 (the first
+  # and the last layer are never skipped); () derives round(0.5 L) and round(0.75 L).
+  el.depths = ()
+  # Routed-expert counts (a prefix of the experts) below model.num_experts, each >=
+  # model.top_k; () derives E // 2 and round(0.75 E).
+  el.expert_counts = ()
+  # Experts per token below model.top_k, each >= 1; () derives ceil(k / 2) and round(0.75 k).
+  el.top_ks = ()
+
+  # --- mesh: how arrays are laid out over devices (ernie5_jax/sharding.py) ----
+  # Axis sizes multiply to the device count; one may be -1 (fill). data: batch split, state
+  # replicated; fsdp: batch split, parameters and optimizer state sharded (ZeRO-3); expert:
+  # batch split, routed experts sharded, tokens exchanged by all-to-all; tensor: heads, MLP
+  # hidden and vocabulary split (keep it inside a host).
+  ms = c.mesh = ml_collections.ConfigDict()
+  ms.data = -1
+  ms.fsdp = 1
+  ms.expert = 1
+  ms.tensor = 1
+  # Expert parallelism (mesh.expert > 1): rows each device sends to each expert shard, as a
+  # multiple of its balanced share (its tokens * top_k / expert shards); assignments past it
+  # are dropped (GShard capacity). 0 = dropless: every buffer can hold all of the device's
+  # assignments (exact; mesh.expert times the exchange memory).
+  ms.expert_capacity_factor = 0.0
+  # Logical axis name -> comma-separated mesh axes ("" = replicated); a mesh axis already used
+  # by an earlier dimension of the same array is skipped. mesh.expert > 1 needs the expert
+  # rule's axes in the batch rule (tokens are exchanged between the shards of the batch).
+  ms.rules = ml_collections.ConfigDict(DEFAULT_MESH_RULES)
+
+  # --- distributed: multi-process start-up (ernie5_jax/distributed.py) --------
+  ds = c.distributed = ml_collections.ConfigDict()
+  # jax.distributed.initialize before any device is touched: "auto" when the environment
+  # asks for it (JAX_COORDINATOR_ADDRESS, or SLURM / Open MPI with more than one task),
+  # "always" (multi-host TPU pods: JAX detects the rest), "never".
+  ds.initialize = "auto"
+  ds.coordinator_address = ""  # "host:port" of process 0; "" -> environment / auto-detect.
+  ds.num_processes = 0  # 0 -> environment / auto-detect.
+  ds.process_id = -1  # -1 -> environment / auto-detect.
+
+  # --- eval job: python -m ernie5_jax.main --mode=eval --checkpoint=PATH (ernie5_jax/eval/job.py) ---
+  ev = c.eval = ml_collections.ConfigDict()
+  ev.split = "test"  # Held-out split evaluated (the data source's; data.split is training's).
+  # Batches of data.global_batch_size rows evaluated, the same ones for every sub-model
+  # (deterministic: the first batches of the split's pipeline with data.shuffle_seed).
+  ev.num_batches = 4
+  ev.decode_batch_size = 1  # Rows generated together when timing decode tokens/s.
+  # New tokens per row in that timing (after a prefill of data.seq_len // 4); 0 skips it
+  # (each sub-model compiles its own decode steps: ~10-20 s each for a tiny model on CPU).
+  ev.decode_tokens = 32
+  # Share of experts (the most frequently chosen) whose overlap between modalities the routing
+  # analysis reports as IoU (ERNIE 5.0's analysis uses the top 25%).
+  ev.routing_top_fraction = 0.25
+  ev.plots = True  # Write PNG plots of the routing analysis (matplotlib) next to its JSON.
+
+  # --- generation: python -m ernie5_jax.main --mode=generate (ernie5_jax/generate/run.py) ---
+  ge = c.generate = ml_collections.ConfigDict()
+  ge.temperature = 1.0  # Sampling temperature; 0 = greedy (argmax).
+  ge.top_p = 0.9  # Nucleus sampling mass (Holtzman et al. 2019); 1 = no cut.
+  ge.samples_per_digit = 3  # Caption->image and text->audio samples per digit 0..9.
+  ge.text_tokens = 24  # New tokens per text-continuation prompt.
+  ge.seed = 0  # Seeds the sampling and the choice of data-style prompts.
   return c
 
 
@@ -146,6 +236,7 @@ _CHOICES = {
     "model.dtype": DTYPES,
     "model.param_dtype": DTYPES,
     "objective.loss_weighting": LOSS_WEIGHTINGS,
+    "distributed.initialize": DISTRIBUTED_INIT,
 }
 
 _POSITIVE = (
@@ -245,7 +336,95 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if len(weights) != m.audio_levels - 1 or any(w < 0 for w in weights):
     fail("objective.audio_level_weights", weights,
           f"expected model.audio_levels - 1 = {m.audio_levels - 1} weights >= 0 (levels 2..K)")
+  _check_elastic(config)
+  _check_generate(config)
+  _check_eval(config)
+  _check_mesh(config)
 
+
+def mesh_rule_axes(name: str, value: Any) -> tuple[str, ...]:
+  """Parses config.mesh.rules.<name> ("data,fsdp"; "" = replicated) into mesh axis names."""
+  axes = tuple(a.strip() for a in value.split(",") if a.strip()) if isinstance(value, str) else None
+  if axes is None or any(a not in MESH_AXES for a in axes) or len(set(axes)) != len(axes):
+    fail(f"mesh.rules.{name}", value, f"expected distinct mesh axes from {MESH_AXES}, "
+         "comma-separated, or '' (replicated)")
+  return axes
+
+
+def _check_mesh(config: ml_collections.ConfigDict) -> None:
+  """Checks config.mesh sizes, rules and config.distributed; device counts: sharding.make_layout."""
+  ms = config.mesh
+  sizes = {axis: ms[axis] for axis in MESH_AXES}
+  for axis, size in sizes.items():
+    if not isinstance(size, int) or not (size == -1 or size >= 1):
+      fail(f"mesh.{axis}", size, "expected an int >= 1, or -1 (fill the remaining devices)")
+  if sum(size == -1 for size in sizes.values()) > 1:
+    fail("mesh", sizes, "expected at most one axis of size -1")
+  if not ms.expert_capacity_factor >= 0:
+    fail("mesh.expert_capacity_factor", ms.expert_capacity_factor, "expected >= 0 (0: dropless)")
+  for name, value in ms.rules.items():
+    mesh_rule_axes(name, value)
+  experts = ms.expert
+  if experts > 1 and config.model.num_experts % experts:
+    fail("mesh.expert", experts,
+         f"expected a divisor of model.num_experts={config.model.num_experts}")
+  d = config.distributed
+  if d.num_processes < 0:
+    fail("distributed.num_processes", d.num_processes, "expected >= 0 (0: auto-detect)")
+  if d.process_id < -1 or (d.num_processes and d.process_id >= d.num_processes):
+    fail("distributed.process_id", d.process_id,
+         "expected -1 (auto-detect) or 0..distributed.num_processes - 1")
+
+
+def _check_eval(config: ml_collections.ConfigDict) -> None:
+  """Checks config.eval (the eval job's fields)."""
+  ev = config.eval
+  check_ranges(config, positive=("eval.num_batches", "eval.decode_batch_size"),
+               non_negative=("eval.decode_tokens",))
+  if not isinstance(ev.split, str) or not ev.split:
+    fail("eval.split", ev.split, "expected a split name of the data source, e.g. 'test'")
+  if not 0 < ev.routing_top_fraction <= 1:
+    fail("eval.routing_top_fraction", ev.routing_top_fraction, "expected 0 < fraction <= 1")
+
+
+def _check_elastic(config: ml_collections.ConfigDict) -> None:
+  """Checks config.elastic: probabilities, micro-batches and each axis's choices."""
+  el, m = config.elastic, config.model
+  for name in ("full_depth_prob", "full_experts_prob", "full_top_k_prob"):
+    if not 0 <= el[name] <= 1:
+      fail(f"elastic.{name}", el[name], "expected a probability in [0, 1]")
+  if not isinstance(el.micro_batches, int) or el.micro_batches < 1:
+    fail("elastic.micro_batches", el.micro_batches, "expected an int >= 1")
+  if el.enabled:
+    if el.micro_batches < 2:
+      fail("elastic.micro_batches", el.micro_batches,
+           "expected >= 2 when elastic.enabled (micro-batch 0 trains the full model, the "
+           "others sampled sub-models)")
+    if config.data.global_batch_size % el.micro_batches:
+      fail("elastic.micro_batches", el.micro_batches,
+           f"expected a divisor of data.global_batch_size={config.data.global_batch_size}")
+  min_depth = min(2, m.num_layers)
+  for name, low, high, what in (
+      ("depths", min_depth, m.num_layers - 1, "the first and last layers are always kept"),
+      ("expert_counts", m.top_k, m.num_experts - 1, "each >= model.top_k"),
+      ("top_ks", 1, m.top_k - 1, "below model.top_k")):
+    values = tuple(el[name])
+    if (any(not isinstance(v, int) or not low <= v <= high for v in values)
+        or len(set(values)) != len(values)):
+      fail(f"elastic.{name}", values,
+           f"expected distinct ints in {low}..{high} ({what}), or () to derive them")
+
+
+def _check_generate(config: ml_collections.ConfigDict) -> None:
+  """Checks config.generate's sampling parameters and counts."""
+  ge = config.generate
+  if not ge.temperature >= 0:
+    fail("generate.temperature", ge.temperature, "expected >= 0 (0 = greedy)")
+  if not 0 < ge.top_p <= 1:
+    fail("generate.top_p", ge.top_p, "expected 0 < top_p <= 1")
+  for name in ("samples_per_digit", "text_tokens"):
+    if not isinstance(ge[name], int) or ge[name] < 1:
+      fail(f"generate.{name}", ge[name], "expected an int >= 1")
 
 def _check_data_vocabulary(config: ml_collections.ConfigDict) -> None:
   """Checks the model's vocabulary and audio codec against the data's; builds nothing."""
@@ -277,3 +456,22 @@ def _check_data_vocabulary(config: ml_collections.ConfigDict) -> None:
   if m.audio_levels > 1 and m.audio_codebook_size != layout.audio_codebook_size:
     fail("model.audio_codebook_size", m.audio_codebook_size,
           f"expected the data's audio codebook size {layout.audio_codebook_size}")
+
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  """The config as JSON text (saved next to checkpoints and exported sub-models)."""
+  return config.to_json(indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  """Inverse of to_json: JSON lists come back as the tuples the config fields hold."""
+  import json  # pylint: disable=g-import-not-at-top
+
+  def tuples(value: Any) -> Any:
+    if isinstance(value, dict):
+      return {k: tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+      return tuple(tuples(v) for v in value)
+    return value
+  return ml_collections.ConfigDict(tuples(json.loads(text)))

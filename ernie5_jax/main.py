@@ -6,9 +6,29 @@
 
   python -m ernie5_jax.main --config=experiments/m2cp_shapes.py:frac=0.02 --workdir=/tmp/m2cp
 
+  python -m ernie5_jax.main --mode=eval --checkpoint=/tmp/tiny --workdir=/tmp/tiny_eval \
+      [--config=experiments/tiny.py --config.eval.num_batches=8]
+
 Trains from the latest checkpoint in --workdir (or from scratch) to
 config.train.num_steps; running it again resumes, or says there is nothing to do.
 config.trainer picks the model family (FAMILIES; absent: "lm").
+--mode=eval (ernie5_jax/eval/job.py) writes the elastic family report and routing analysis
+of --checkpoint into --workdir; the config is the one stored with the checkpoint, with the
+given --config.* overrides applied (--config alone is used only for a checkpoint that has
+no stored config.json).
+
+  python -m ernie5_jax.main --mode=export --checkpoint=/tmp/tiny --submodel=2,6,1 \
+      --workdir=/tmp/tiny_2_6_1
+
+--mode=export (ernie5_jax/elastic_export.py) writes the elastic sub-model
+'depth,experts,top_k' of --checkpoint into --workdir as a standalone, smaller model
+(model/ + config.json), which --mode=eval and checkpoint.restore_model load like any other.
+
+  python -m ernie5_jax.main --mode=generate --checkpoint=/tmp/tiny --workdir=/tmp/tiny_samples
+
+--mode=generate (ernie5_jax/generate/run.py) writes text continuations, caption->image PNGs
+(scored by the digit classifier) and text->audio WAVs of --checkpoint into --workdir, with
+decode tokens/s; config.generate sets the sampling (same config rules as --mode=eval).
 """
 
 from __future__ import annotations
@@ -25,7 +45,7 @@ from ml_collections import config_flags
 
 from ernie5_jax import config as config_lib
 
-MODES = ("train",)  # eval and export come with their own issues.
+MODES = ("train", "eval", "export", "generate")
 # config.trainer -> (the family's config module with validate(), its trainer module with
 # train_and_evaluate() and NonFiniteLossError); a config without `trainer` is "lm".
 FAMILIES = {"lm": ("ernie5_jax.config", "ernie5_jax.train.loop"),
@@ -36,7 +56,12 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file (experim
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and TensorBoard events.")
 flags.DEFINE_enum("mode", "train", MODES, "What to run.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_string("checkpoint", None, "--mode=eval/export: a training workdir, its checkpoints/ "
+                    "dir, one checkpoints/<step>/ dir, or an exported model dir.")
+flags.DEFINE_string("submodel", None, "--mode=export: the elastic sub-model "
+                    "'depth,experts,top_k' (model/elastic.py) of --checkpoint to write, as a "
+                    "standalone model, into --workdir.")
+flags.mark_flags_as_required(["workdir"])  # --config: required by --mode=train (main).
 
 
 class _QuietLibraries(py_logging.Filter):
@@ -80,10 +105,84 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(f"error: {_unknown_override(argv) or e}")
 
 
+def _override_fields(argv: list[str]) -> tuple[str, ...]:
+  """Dotted config fields set on the command line: --config.a.b=v / --config.a.b v -> a.b."""
+  return tuple(a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config."))
+
+
+def _run_eval() -> None:
+  """--mode=eval: eval/job.py run_eval on --checkpoint, report files into --workdir."""
+  if not FLAGS.checkpoint:
+    sys.exit("error: --mode=eval needs --checkpoint=PATH: a training workdir, its "
+             "checkpoints/ dir, one checkpoints/<step>/ dir, or an exported model dir")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from ernie5_jax.eval import job  # pylint: disable=g-import-not-at-top
+  from ernie5_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], "GPU")  # As in train: TF must not reserve JAX's memory.
+  try:
+    job.run_eval(FLAGS.checkpoint, FLAGS.workdir, config=FLAGS.config,
+                 override_fields=_override_fields(sys.argv[1:]))
+  except (checkpoint.CheckpointNotFoundError, checkpoint.CheckpointMismatchError,
+          checkpoint.WorkdirError, config_lib.ConfigError) as e:
+    sys.exit(f"error: {type(e).__name__}: {e}")
+
+
+def _run_export() -> None:
+  """--mode=export: elastic_export.export_checkpoint of --submodel from --checkpoint."""
+  if not FLAGS.checkpoint or not FLAGS.submodel:
+    sys.exit("error: --mode=export needs --checkpoint=PATH (a training workdir, its "
+             "checkpoints/ dir or one checkpoints/<step>/ dir) and --submodel=depth,experts,"
+             "top_k; it writes the sub-model to --workdir")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  from ernie5_jax import elastic_export  # pylint: disable=g-import-not-at-top
+  from ernie5_jax.model import elastic  # pylint: disable=g-import-not-at-top
+  from ernie5_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  try:
+    sub = elastic.SubModel.parse(FLAGS.submodel)
+    location = checkpoint.locate(FLAGS.checkpoint)
+    # The config stored with the checkpoint; --config only for a checkpoint without one.
+    config = None if location.config_path else FLAGS.config
+    out = elastic_export.export_checkpoint(FLAGS.checkpoint, sub, FLAGS.workdir, config=config)
+  except (checkpoint.CheckpointNotFoundError, checkpoint.CheckpointMismatchError,
+          config_lib.ConfigError, FileExistsError) as e:
+    sys.exit(f"error: {type(e).__name__}: {e}")
+  logging.info("Exported sub-model %s of %s to %s.", sub, FLAGS.checkpoint, out)
+
+
+def _run_generate() -> None:
+  """--mode=generate: generate/run.py samples (text, image, audio) of --checkpoint into --workdir."""
+  if not FLAGS.checkpoint:
+    sys.exit("error: --mode=generate needs --checkpoint=PATH: a training workdir, its "
+             "checkpoints/ dir, one checkpoints/<step>/ dir, or an exported model dir")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from ernie5_jax.generate import run  # pylint: disable=g-import-not-at-top
+  from ernie5_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], "GPU")  # The data builders import TF: keep JAX's memory.
+  try:
+    run.generate_from_checkpoint(FLAGS.checkpoint, FLAGS.workdir, config=FLAGS.config,
+                                 override_fields=_override_fields(sys.argv[1:]))
+  except (checkpoint.CheckpointNotFoundError, checkpoint.CheckpointMismatchError,
+          config_lib.ConfigError) as e:
+    sys.exit(f"error: {type(e).__name__}: {e}")
+
+
 def main(argv: list[str]) -> None:
   """Validates the config, then runs --mode."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if FLAGS.mode == "eval":
+    _run_eval()
+    return
+  if FLAGS.mode == "export":
+    _run_export()
+    return
+  if FLAGS.mode == "generate":
+    _run_generate()
+    return
+  if FLAGS.config is None:
+    sys.exit(f"error: --mode={FLAGS.mode} needs --config=experiments/<name>.py")
   family = FLAGS.config.get("trainer", "lm")
   if family not in FAMILIES:
     sys.exit(f"error: config.trainer={family!r} is not accepted: expected one of "
@@ -98,6 +197,10 @@ def main(argv: list[str]) -> None:
   # Imported here so that --help and config errors do not pay for TensorFlow's import
   # (clu's TensorBoard writer).
   import jax  # pylint: disable=g-import-not-at-top
+  from ernie5_jax import distributed  # pylint: disable=g-import-not-at-top
+  # Multi-host runs (config.distributed or the launcher's environment): before anything
+  # touches a device.
+  distributed.maybe_initialize(FLAGS.config)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from ernie5_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   trainer = importlib.import_module(trainer_module)

@@ -1,1 +1,8 @@
-"""Evaluation: scoring documents with a trained decoder (eval jobs come with their issues)."""
+"""Evaluation of trained decoders.
+
+  scoring.py           log-likelihood scoring of unified-sequence documents (probes)
+  job.py               the eval job (--mode=eval): elastic family report + routing analysis
+  routing.py           routing statistics (expert frequency, top-expert IoU, entropy)
+  routing_plots.py     their PNG plots
+  digit_classifier.py  classifier of 16x16 digit images (scores generated images, RL reward)
+"""

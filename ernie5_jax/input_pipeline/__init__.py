@@ -55,7 +55,8 @@ def create_dataset(config: ml_collections.ConfigDict, *, process_index: int | No
     from ernie5_jax.input_pipeline import multimodal, seqio_tasks  # pylint: disable=g-import-not-at-top
     return seqio_tasks.make_text_pipeline(
         d.source, seq_len=d.seq_len, batch_size=local, seed=d.shuffle_seed,
-        data_dir=d.data_dir or multimodal.default_data_dir(), **shard)
+        data_dir=d.data_dir or multimodal.default_data_dir(), split=d.get("split", "train"),
+        **shard)
   if d.source != "synthetic":
     raise ValueError(f"config.data.source={d.source!r} is not accepted: expected 'synthetic', "
                      "'digits_multimodal', 'tfds:NAME' or 'seqio:NAME'")

@@ -8,10 +8,16 @@ heads for codec levels 2..K) read the final hidden state (`hidden_states`) throu
 `BlockStack`: with config.model.scan_layers its parameters are stacked on a leading
 'layers' axis (nnx.vmap at init) and applied with nnx.scan, so compile time does not
 grow with depth; otherwise it is a Python loop over the same per-layer modules.
+
+Elastic sub-models (model/elastic.py): `elastic=ElasticMasks` runs a sub-model of the
+same parameters in the same compiled program: each layer is wrapped in a `lax.cond` on
+its layer_keep entry (a skipped layer is the identity and costs nothing, forward and
+backward), and each MoE layer masks experts and switches top-k (model/moe.py).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -19,9 +25,11 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from ernie5_jax import sharding
 from ernie5_jax.config import ConfigError
 from ernie5_jax.model import rope
 from ernie5_jax.model.attention import Attention
+from ernie5_jax.model.elastic import ElasticMasks
 from ernie5_jax.model.heads import NUM_MODALITIES, AudioHeads, LossEMA, MTPModule
 from ernie5_jax.model.layers import MLP, Embed, OutputHead, RMSNorm, to_dtype
 from ernie5_jax.model.moe import MoE
@@ -79,20 +87,39 @@ class Block(nnx.Module):
                      rngs=rngs)
     self.moe = moe
     self.dtype = dtype
+    self.num_experts = cfg.num_experts
 
   def __call__(self, x: jax.Array, angles: jax.Array, segment_ids: jax.Array,
-               group_ids: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """x [batch, seq, embed] -> (x [batch, seq, embed], router stats; {} when dense)."""
+               group_ids: jax.Array, *, expert_mask: jax.Array | None = None,
+               top_k_index: jax.Array | None = None, top_ks: tuple[int, ...] = ()
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """x [batch, seq, embed] -> (x [batch, seq, embed], router stats; {} when dense).
+
+    expert_mask / top_k_index / top_ks: the elastic routing of MoE blocks (MoE.__call__).
+    """
     x = x + self.attn(self.attn_norm(x), angles, segment_ids, group_ids)
     if self.moe:
-      y, stats = self.ffn(self.ffn_norm(x))
+      y, stats = self.ffn(self.ffn_norm(x), expert_mask=expert_mask, top_k_index=top_k_index,
+                          top_ks=top_ks)
     else:
       y, stats = self.ffn(self.ffn_norm(x)), {}
-    return (x + y).astype(self.dtype), stats
+    # The residual stream's layout under an active mesh (sharding.py; no-op otherwise).
+    return sharding.constrain((x + y).astype(self.dtype), sharding.ACT_BSD), stats
+
+  def skipped(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The block skipped by an elastic sub-model: x unchanged, zero router statistics."""
+    x = sharding.constrain(x.astype(self.dtype), sharding.ACT_BSD)  # As __call__'s output.
+    if not self.moe:
+      return x, {}
+    zero = jnp.zeros((), jnp.float32)
+    return x, {"expert_load": jnp.zeros((self.num_experts,), jnp.float32),
+               "router_entropy": zero, "load_balance_loss": zero, "z_loss": zero}
 
 
-def _apply_block(block: Block, x, angles, segment_ids, group_ids):
-  return block(x, angles, segment_ids, group_ids)
+def _apply_block(block: Block, x, angles, segment_ids, group_ids, expert_mask=None,
+                 top_k_index=None, *, top_ks=()):
+  return block(x, angles, segment_ids, group_ids, expert_mask=expert_mask,
+               top_k_index=top_k_index, top_ks=top_ks)
 
 
 class BlockStack(nnx.Module):
@@ -112,20 +139,39 @@ class BlockStack(nnx.Module):
       self.layers = nnx.List([Block(cfg, moe=moe, rngs=rngs) for _ in range(num_layers)])
 
   def __call__(self, x: jax.Array, angles: jax.Array, segment_ids: jax.Array,
-               group_ids: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """x [batch, seq, embed] -> (x, per-layer stats stacked on a leading [layers] axis)."""
+               group_ids: jax.Array, *, keep: jax.Array | None = None,
+               expert_mask: jax.Array | None = None, top_k_index: jax.Array | None = None,
+               top_ks: tuple[int, ...] = ()) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """x [batch, seq, embed] -> (x, per-layer stats stacked on a leading [layers] axis).
+
+    Elastic: keep [layers] bool runs layer i only where True (else the identity, under a
+    lax.cond so that nothing is computed); expert_mask / top_k_index / top_ks: Block.
+    """
     # graph_updates=False: blocks never mutate state in the forward pass, and the simple
     # (pytree) mode also works when the model is merged inside a raw jax.grad / jax.jit.
-    apply = nnx.remat(_apply_block, graph_updates=False) if self.remat else _apply_block
+    apply = functools.partial(_apply_block, top_ks=tuple(top_ks))
+    if self.remat:
+      apply = nnx.remat(apply, graph_updates=False)
+
+    def layer(block, h, keep_i):
+      run = lambda h: apply(block, h, angles, segment_ids, group_ids, expert_mask,
+                            top_k_index)
+      return run(h) if keep_i is None else jax.lax.cond(keep_i, run, block.skipped, h)
+
     if self.scan:
-      @nnx.scan(in_axes=(nnx.Carry, 0, None, None, None), out_axes=(nnx.Carry, 0),
-                graph_updates=False)
-      def body(h, block, angles, segment_ids, group_ids):
-        return apply(block, h, angles, segment_ids, group_ids)
-      return body(x, self.layers, angles, segment_ids, group_ids)
+      if keep is None:
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0), graph_updates=False)
+        def body(h, block):
+          return layer(block, h, None)
+        return body(x, self.layers)
+
+      @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), graph_updates=False)
+      def masked_body(h, block, keep_i):
+        return layer(block, h, keep_i)
+      return masked_body(x, self.layers, keep)
     per_layer = []
-    for block in self.layers:
-      x, stats = apply(block, x, angles, segment_ids, group_ids)
+    for i, block in enumerate(self.layers):
+      x, stats = layer(block, x, None if keep is None else keep[i])
       per_layer.append(stats)
     return x, jax.tree.map(lambda *s: jnp.stack(s), *per_layer)
 
@@ -168,9 +214,11 @@ class Decoder(nnx.Module):
     self.rope_sections = tuple(cfg.rope_sections)
     self.rope_theta = float(cfg.rope_theta)
     self.num_experts = cfg.num_experts
+    self.num_layers = cfg.num_layers
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-               group_ids: jax.Array, audio_codes: jax.Array | None = None
+               group_ids: jax.Array, audio_codes: jax.Array | None = None, *,
+               elastic: ElasticMasks | None = None
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Returns logits [batch, seq, vocab] float32 and the aux dict of the contract.
 
@@ -182,33 +230,62 @@ class Decoder(nnx.Module):
       audio_codes: optional [batch, seq, K'] int32 raw codec codes of the frame whose level-1
         code is the token (-1 elsewhere); levels 2..model.audio_levels are added to its
         embedding (audio understanding: one position per frame).
+      elastic: the sub-model to run (model/elastic.py: masks_for / sample_masks); None runs
+        the full model. A skipped MoE layer reports zero load and is left out of the means.
     """
-    hidden, aux = self.hidden_states(tokens, positions, segment_ids, group_ids, audio_codes)
+    hidden, aux = self.hidden_states(tokens, positions, segment_ids, group_ids, audio_codes,
+                                     elastic=elastic)
     return self.logits(hidden), aux
 
   def hidden_states(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-                    group_ids: jax.Array, audio_codes: jax.Array | None = None
+                    group_ids: jax.Array, audio_codes: jax.Array | None = None, *,
+                    elastic: ElasticMasks | None = None
                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """__call__ before the head: (final normed hidden [batch, seq, embed], aux)."""
     x = self.embed(tokens)  # [batch, seq, embed]
     if self.audio is not None and audio_codes is not None:
       x = x + self.audio.input_sum(audio_codes)
+    x = sharding.constrain(x, sharding.ACT_BSD)  # Batch-split under an active mesh.
     angles = self.rope_angles(positions)  # [batch, seq, head_dim // 2]
+    keep = routing = None
+    if elastic is not None:
+      self._check_masks(elastic)
+      keep = elastic.layer_keep  # [layers] bool
+      routing = dict(expert_mask=elastic.expert_mask, top_k_index=elastic.top_k_index,
+                     top_ks=elastic.top_ks)
+    nd = self.num_dense_layers
     if self.dense_layers is not None:
-      x, _ = self.dense_layers(x, angles, segment_ids, group_ids)
+      x, _ = self.dense_layers(x, angles, segment_ids, group_ids,
+                               keep=None if keep is None else keep[:nd])
     if self.moe_layers is not None:
-      x, stats = self.moe_layers(x, angles, segment_ids, group_ids)
+      x, stats = self.moe_layers(x, angles, segment_ids, group_ids,
+                                 keep=None if keep is None else keep[nd:], **(routing or {}))
     else:
       stats = {"expert_load": jnp.zeros((0, self.num_experts), jnp.float32),
                "router_entropy": jnp.zeros((0,), jnp.float32),
                "load_balance_loss": jnp.zeros((0,), jnp.float32),
                "z_loss": jnp.zeros((0,), jnp.float32)}
     mean = lambda v: jnp.mean(v) if v.size else jnp.zeros((), jnp.float32)
+    if keep is not None and self.moe_layers is not None:  # Over the MoE layers that ran.
+      ran = keep[nd:].astype(jnp.float32)  # [moe_layers]
+      mean = lambda v: jnp.sum(v * ran) / jnp.maximum(jnp.sum(ran), 1.0)
     aux = {"expert_load": stats["expert_load"],  # [moe_layers, experts]
            "router_entropy": stats["router_entropy"],  # [moe_layers]
            "load_balance_loss": mean(stats["load_balance_loss"]),
            "z_loss": mean(stats["z_loss"])}
     return self.final_norm(x), aux
+
+  def _check_masks(self, masks: ElasticMasks) -> None:
+    """Raises ValueError if masks were made for another model shape."""
+    if masks.layer_keep.shape != (self.num_layers,):
+      raise ValueError(f"elastic.layer_keep.shape={masks.layer_keep.shape} is not accepted: "
+                       f"expected ({self.num_layers},) (model.num_layers)")
+    if masks.expert_mask.shape != (self.num_experts,):
+      raise ValueError(f"elastic.expert_mask.shape={masks.expert_mask.shape} is not accepted: "
+                       f"expected ({self.num_experts},) (model.num_experts)")
+    if not masks.top_ks or not all(0 < k <= self.num_experts for k in masks.top_ks):
+      raise ValueError(f"elastic.top_ks={masks.top_ks} is not accepted: expected top-k "
+                       f"values in 1..model.num_experts={self.num_experts}")
 
   def rope_angles(self, positions: jax.Array) -> jax.Array:
     """Uni-RoPE angles [batch, seq, head_dim // 2] of positions [batch, seq, 3]."""
@@ -247,14 +324,21 @@ class Decoder(nnx.Module):
       return None
     return self.audio(hidden, self.embed(targets), audio_targets)
 
-  def update_router_bias(self, expert_load: jax.Array, rate: float) -> None:
-    """Applies update_router_bias in place to every MoE layer; expert_load [moe_layers, E]."""
+  def update_router_bias(self, expert_load: jax.Array, rate: float,
+                         active: jax.Array | None = None) -> None:
+    """Applies update_router_bias in place to every MoE layer.
+
+    expert_load: [moe_layers, E], or [micro_batches, moe_layers, E] with `active` of that
+    shape (elastic training: bool, the experts each micro-batch's sub-model could route to
+    in each layer); see router.update_router_bias.
+    """
     if self.moe_layers is None:
       return
     if self.moe_layers.scan:
       bias = self.moe_layers.layers.ffn.router.bias  # [moe_layers, experts]
-      bias[...] = update_router_bias(bias[...], expert_load, rate)
+      bias[...] = update_router_bias(bias[...], expert_load, rate, active)
       return
     for i, block in enumerate(self.moe_layers.layers):
       bias = block.ffn.router.bias  # [experts]
-      bias[...] = update_router_bias(bias[...], expert_load[i], rate)
+      bias[...] = update_router_bias(bias[...], expert_load[..., i, :], rate,
+                                     None if active is None else active[..., i, :])

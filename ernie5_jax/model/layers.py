@@ -3,8 +3,8 @@
 Every parameter carries logical axis names whose entries name its dimensions
 (`('embed', 'mlp')`, `('expert', 'embed', 'expert_mlp')`, ...). The names are metadata
 only (`out_sharding`, with eager sharding off): no mesh exists when a module is built;
-the sharding module (a later issue) maps the names to mesh axes through config rules,
-e.g. via `nnx.get_partition_spec(nnx.state(model))`.
+ernie5_jax/sharding.py maps the names to mesh axes through config.mesh.rules
+(`tree_shardings`), and parameters are created already sharded by a jitted init.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ernie5_jax import sharding
 from ernie5_jax.config import DTYPES
 
 
@@ -69,7 +70,10 @@ class Embed(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, tokens: jax.Array) -> jax.Array:  # [batch, seq] -> [batch, seq, embed]
-    table = self.table[...]
+    # Under a mesh the table is gathered whole along embed first (as FSDP gathers any weight
+    # before use): a lookup from an embed-split table leaves rows split along embed, which
+    # XLA can only turn into batch-split rows by replicating them.
+    table = sharding.constrain(self.table[...], ("vocab", None))
     x = jnp.take(table, tokens, axis=0).astype(self.dtype)
     return x * jnp.asarray(table.shape[1] ** 0.5, self.dtype)
 

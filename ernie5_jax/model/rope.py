@@ -1,11 +1,16 @@
 """Uni-RoPE: rotary position embedding over the (t, h, w) position of each token.
 
-Each head's head_dim // 2 rotary frequency pairs are split into three consecutive
-sections (config.model.rope_sections = (n_t, n_h, n_w) pairs); pairs of the first
-section rotate by the token's t position, the next by h, the last by w (ERNIE 5.0
-Uni-RoPE, after Qwen2-VL's multimodal RoPE, arXiv 2409.12191 Sec. 2.1). The frequency
-of pair i is theta^(-2i / head_dim) as in 1-D RoPE (Su et al. 2021, arXiv 2104.09864),
-so text tokens, which have t = h = w = index, get exactly 1-D RoPE.
+Each head's head_dim // 2 rotary frequency pairs are shared out between the three axes
+(config.model.rope_sections = (n_t, n_h, n_w) pairs): a pair rotates by the token's t, h
+or w position (ERNIE 5.0 Uni-RoPE, after Qwen2-VL's multimodal RoPE, arXiv 2409.12191
+Sec. 2.1). The frequency of pair i is theta^(-2i / head_dim) as in 1-D RoPE (Su et al.
+2021, arXiv 2104.09864), so text tokens, which have t = h = w = index, get exactly 1-D
+RoPE. Each axis's pairs are spread evenly over the frequency range (t h w t t h w t ...
+for (8, 4, 4)), not given as consecutive blocks: with blocks, h and w get only the
+lowest frequencies (w rotates by <= 0.001 rad per cell at head_dim 32), the cells of one
+image scale are nearly indistinguishable, and the model cannot generate images (measured:
+generated digits classified 7% correct with blocks, 97% interleaved, tiny.py at 1500
+steps). The interleaving follows the same observation as Qwen3-VL's interleaved MRoPE.
 
 Pair i rotates the feature pair (x[i], x[i + head_dim // 2]) ("rotate-half" layout).
 """
@@ -31,11 +36,16 @@ def inverse_frequencies(head_dim: int, theta: float) -> jax.Array:
 
 
 def section_index(sections: Sequence[int]) -> np.ndarray:
-  """Returns [sum(sections)] int32: which position axis (0=t, 1=h, 2=w) drives each pair."""
+  """Returns [sum(sections)] int32: which position axis (0=t, 1=h, 2=w) drives each pair.
+
+  Axis a's j-th of n_a pairs sits at fraction (j + 1/2) / n_a of the frequency range; the
+  pairs are ordered by that fraction (ties: t, then h, then w).
+  """
   if len(sections) != 3 or any(s < 0 for s in sections):
     raise ValueError(f"rope sections={tuple(sections)} are not accepted: expected 3 "
                      "non-negative pair counts (t, h, w)")
-  return np.repeat(np.arange(3, dtype=np.int32), list(sections))
+  keys = [((j + 0.5) / n, axis) for axis, n in enumerate(sections) for j in range(n)]
+  return np.asarray([axis for _, axis in sorted(keys)], np.int32)
 
 
 def rope_angles(positions: jax.Array, *, head_dim: int, sections: Sequence[int],

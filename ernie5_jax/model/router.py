@@ -5,6 +5,11 @@ experts are *selected* on score + bias, where the bias is a non-trainable per-ex
 offset moved by `update_router_bias` (aux-loss-free balancing), and the *combine
 weights* are the selected scores without the bias, renormalised over the top-k.
 The router sees only the hidden state, never the token's modality.
+
+Elastic width (ernie5_jax/model/elastic.py): an `expert_mask` gives the experts outside
+it -inf logits, so their scores are 0, they are never selected and the statistics
+(load-balance loss, entropy) count only the active experts; `update_router_bias` with an
+`active` mask leaves the others' bias unchanged.
 """
 
 from __future__ import annotations
@@ -44,15 +49,19 @@ def expert_load(expert_ids: jax.Array, num_experts: int) -> jax.Array:
   return jnp.sum(jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.float32), axis=(0, 1))
 
 
-def load_balance_loss(probs: jax.Array, load: jax.Array, top_k: int) -> jax.Array:
+def load_balance_loss(probs: jax.Array, load: jax.Array, top_k: int,
+                      num_experts: jax.Array | int | None = None) -> jax.Array:
   """Switch load-balance loss E * sum_e f_e * P_e (Fedus et al. 2021, arXiv 2101.03961, eq. 4).
 
   Args:
     probs: [tokens, experts] routing distribution; P_e is its mean over tokens.
     load: [experts] assignment counts; f_e = load_e / (tokens * top_k).
     top_k: experts per token.
+    num_experts: E, the experts that can be routed to (default probs.shape[-1]; fewer
+      under an elastic expert mask), so that a uniform load gives 1.
   """
-  num_tokens, num_experts = probs.shape
+  num_tokens = probs.shape[0]
+  num_experts = probs.shape[-1] if num_experts is None else num_experts
   fraction = load / (num_tokens * top_k)  # [experts]
   return num_experts * jnp.sum(fraction * jnp.mean(probs, axis=0))
 
@@ -62,22 +71,50 @@ def router_z_loss(logits: jax.Array) -> jax.Array:
   return jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
 
 
-def router_entropy(probs: jax.Array) -> jax.Array:
-  """Mean over tokens of the routing entropy normalised by log(experts), in [0, 1]."""
-  num_experts = probs.shape[-1]
+def router_entropy(probs: jax.Array, num_experts: jax.Array | int | None = None) -> jax.Array:
+  """Mean over tokens of the routing entropy normalised by log(experts), in [0, 1].
+
+  num_experts: the experts that can be routed to (default probs.shape[-1]); 0 if it is 1.
+  """
+  num_experts = probs.shape[-1] if num_experts is None else num_experts
   entropy = jnp.sum(jax.scipy.special.entr(probs), axis=-1)  # [tokens]
-  return jnp.mean(entropy) / jnp.log(num_experts)
+  log_e = jnp.log(jnp.asarray(num_experts, jnp.float32))
+  return jnp.where(log_e > 0, jnp.mean(entropy) / jnp.where(log_e > 0, log_e, 1.0), 0.0)
 
 
-def update_router_bias(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
+def load_deviation(load: jax.Array, active: jax.Array | None = None) -> jax.Array:
+  """mean(load) - load over the active experts, 0 for the others: [..., experts] -> same.
+
+  active: optional bool [..., experts] (an elastic expert mask, False for the experts of a
+  skipped layer); the mean is over the active experts of each row.
+  """
+  if active is None:
+    return jnp.mean(load, axis=-1, keepdims=True) - load
+  active = active.astype(load.dtype)
+  mean_load = jnp.sum(load * active, axis=-1, keepdims=True) / jnp.maximum(
+      jnp.sum(active, axis=-1, keepdims=True), 1.0)
+  return (mean_load - load) * active
+
+
+def update_router_bias(bias: jax.Array, load: jax.Array, rate: float,
+                       active: jax.Array | None = None) -> jax.Array:
   """Aux-loss-free balancing step: bias += rate * sign(mean(load) - load), per layer.
 
   Underloaded experts get a larger bias, overloaded ones a smaller one; experts at the
   mean load are unchanged (sign(0) = 0). bias and load: [..., experts]; the load is
   summed over the global batch by the caller.
+
+  Elastic training: with `active` (bool, load's shape) the mean is over the active
+  experts and inactive ones do not move. load and active may carry one more leading axis
+  than bias (micro-batches, each with its own sub-model): the signal is then
+  sign(sum_m (mean_active_m(load_m) - load_m)), each micro-batch measured against the
+  experts it could route to, so a sub-model's narrower expert set does not read as an
+  overload of the experts it keeps.
   """
-  mean_load = jnp.mean(load, axis=-1, keepdims=True)
-  return (bias + rate * jnp.sign(mean_load - load)).astype(bias.dtype)
+  deviation = load_deviation(load, active)
+  if deviation.ndim == bias.ndim + 1:
+    deviation = jnp.sum(deviation, axis=0)
+  return (bias + rate * jnp.sign(deviation)).astype(bias.dtype)
 
 
 @jax.tree_util.register_dataclass
@@ -114,13 +151,30 @@ class Router(nnx.Module):
     self.top_k = top_k
     self.score = score
 
-  def __call__(self, x: jax.Array) -> Routing:
-    """Routes x [tokens, embed] to top_k experts per token."""
+  def __call__(self, x: jax.Array, *, expert_mask: jax.Array | None = None,
+               top_k: int | None = None) -> Routing:
+    """Routes x [tokens, embed] to top_k (default self.top_k) of the experts in expert_mask."""
+    return self.route(self.logits(x, expert_mask), self.top_k if top_k is None else top_k,
+                      expert_mask)
+
+  def logits(self, x: jax.Array, expert_mask: jax.Array | None = None) -> jax.Array:
+    """Router logits [tokens, experts] float32 of x [tokens, embed]; -inf outside expert_mask."""
     logits = jnp.einsum("TD,DE->TE", x.astype(jnp.float32),
                         self.kernel[...].astype(jnp.float32))  # [tokens, experts]
+    if expert_mask is not None:  # [experts] bool
+      logits = jnp.where(expert_mask, logits, -jnp.inf)
+    return logits
+
+  def route(self, logits: jax.Array, top_k: int, expert_mask: jax.Array | None = None
+            ) -> Routing:
+    """Top-k selection on score + bias from logits [tokens, experts] (static top_k)."""
     scores = router_scores(logits, self.score)
-    bias = jax.lax.stop_gradient(self.bias[...])
-    _, expert_ids = jax.lax.top_k(scores + bias, self.top_k)  # [tokens, top_k]
+    key = scores + jax.lax.stop_gradient(self.bias[...])
+    num_experts = None
+    if expert_mask is not None:  # Masked experts are never selected, whatever their bias.
+      key = jnp.where(expert_mask, key, -jnp.inf)
+      num_experts = jnp.sum(expert_mask)
+    _, expert_ids = jax.lax.top_k(key, top_k)  # [tokens, top_k]
     selected = jnp.take_along_axis(scores, expert_ids, axis=-1)
     weights = selected / jnp.sum(selected, axis=-1, keepdims=True)  # [tokens, top_k]
     probs = routing_probs(scores, self.score)
@@ -129,7 +183,7 @@ class Router(nnx.Module):
         expert_ids=expert_ids.astype(jnp.int32),
         combine_weights=weights,
         expert_load=load,
-        router_entropy=router_entropy(jax.lax.stop_gradient(probs)),
-        load_balance_loss=load_balance_loss(probs, load, self.top_k),
+        router_entropy=router_entropy(jax.lax.stop_gradient(probs), num_experts),
+        load_balance_loss=load_balance_loss(probs, load, top_k, num_experts),
         z_loss=router_z_loss(logits),
     )

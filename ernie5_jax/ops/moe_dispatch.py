@@ -14,6 +14,9 @@ Backends (`backend=`; "auto" is resolved by ops.backend.resolve_moe_backend):
 - "capacity": token dropping with C = ceil(capacity_factor * T*K / E) rows per
   expert (GShard, arXiv 2006.16668; Switch, arXiv 2101.03961): assignments past
   C, in token order, contribute 0. For comparison.
+Under a layout that splits the experts over devices (ops/backend.expert_parallel_layout),
+tokens travel to their experts by all-to-all (ops/moe_expert_parallel.py) and each device
+runs the backend above on its own experts.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
-from ernie5_jax.ops import moe_slots
-from ernie5_jax.ops.backend import pallas_interpret, resolve_moe_backend
+from ernie5_jax.ops import moe_expert_parallel, moe_slots
+from ernie5_jax.ops.backend import expert_parallel_layout, pallas_interpret, resolve_moe_backend
 
 
 def expert_ffn(x, expert_ids, combine_weights, w_gate, w_up, w_down, *,
@@ -48,6 +51,23 @@ def expert_ffn(x, expert_ids, combine_weights, w_gate, w_up, w_down, *,
   if not capacity_factor > 0:
     raise ValueError(f"capacity_factor={capacity_factor!r} is not accepted: "
                      "expected a value > 0")
+  local = functools.partial(_single_device_ffn, backend=backend,
+                            capacity_factor=capacity_factor)
+  layout = expert_parallel_layout()
+  if layout is None:
+    return local(x, expert_ids, combine_weights, w_gate, w_up, w_down)
+  token_axes, expert_axes = layout.axes("batch"), layout.axes("expert")
+  return moe_expert_parallel.expert_parallel_ffn(
+      x, expert_ids, combine_weights, w_gate, w_up, w_down, mesh=layout.mesh,
+      token_axes=token_axes, expert_axes=expert_axes,
+      # A hidden split over shards that hold other tokens cannot be summed: those gather F.
+      hidden_axes=[a for a in layout.axes("expert_mlp") if a not in token_axes],
+      capacity_factor=layout.expert_capacity_factor, local_ffn=local)
+
+
+def _single_device_ffn(x, expert_ids, combine_weights, w_gate, w_up, w_down, *, backend: str,
+                       capacity_factor: float):
+  """expert_ffn on one device with a resolved backend (module doc)."""
   dtype = x.dtype
   w_gate, w_up, w_down = (w.astype(dtype) for w in (w_gate, w_up, w_down))
   weights = combine_weights.astype(dtype).reshape(-1)  # [N], n = t*K + k

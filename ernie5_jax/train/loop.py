@@ -16,10 +16,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ernie5_jax import config as config_lib
 from ernie5_jax import input_pipeline
+from ernie5_jax import sharding
 from ernie5_jax.train import checkpoint, optimizer
 from ernie5_jax.train import state as state_lib
 from ernie5_jax.train import step as step_lib
@@ -27,20 +27,6 @@ from ernie5_jax.train import step as step_lib
 
 class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or infinite."""
-
-
-def _mesh(global_batch_size: int) -> Mesh:
-  """One 'data' axis over every device: batch rows split, state replicated (data parallel)."""
-  devices = jax.devices()
-  if global_batch_size % len(devices):
-    raise ValueError(f"config.data.global_batch_size={global_batch_size} is not accepted: "
-                     f"expected a multiple of the device count ({len(devices)})")
-  return Mesh(np.asarray(devices), ("data",))
-
-
-def _to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-  """This process's rows -> global jax.Arrays (one call for one or many processes)."""
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
 def _check_finite(pending: list[tuple[int, dict[str, Any]]], manager) -> None:
@@ -85,28 +71,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
 
   # --- logging -------------------------------------------------------------
   checkpoint.ensure_writable(workdir)
+  if jax.process_index() == 0:  # Eval/export jobs rebuild the model from it (restore_model).
+    checkpoint.save_config(config, workdir)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   logging.info("workdir: %s\nconfig:\n%s", workdir, config)
 
   # --- input ---------------------------------------------------------------
   data_iter = input_pipeline.create_train_iterator(config)
-  mesh = _mesh(config.data.global_batch_size)
-  data_sharding = NamedSharding(mesh, PartitionSpec("data"))
-  replicated = NamedSharding(mesh, PartitionSpec())
+
+  # --- mesh (config.mesh; sharding.py) --------------------------------------
+  layout = sharding.make_layout(config)
+  data_sharding = sharding.batch_sharding(layout, config.data.global_batch_size)
+  logging.info("mesh: %s", layout.mesh)
   tokens_per_step = config.data.global_batch_size * config.data.seq_len
 
   # --- model + optimizer ---------------------------------------------------
   tx, schedule = optimizer.create_optimizer(config)
   graphdef, abstract = state_lib.abstract_train_state(config, tx)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                          abstract)
+  # Every parameter, optimizer moment and RouterBias sharded by its logical axis names;
+  # restoring into this target reshards a checkpoint written on any other mesh.
+  state_sharding = sharding.tree_shardings(abstract, layout)
+  abstract = sharding.with_shardings(abstract, state_sharding)
 
   # --- checkpoint (restore the latest, else initialise) -------------------
   manager = checkpoint.create_manager(workdir, keep=t.keep_checkpoints,
                                       async_save=t.async_checkpoints)
   state = checkpoint.restore_or_init(
       manager, abstract, data_iter,
-      lambda: state_lib.init_train_state(config, tx, sharding=replicated)[1])
+      lambda: state_lib.init_train_state(config, tx, sharding=state_sharding)[1])
   start_step = int(state.step)
   if start_step >= t.num_steps:
     logging.info("Nothing to do: the checkpoint at step %d already reached "
@@ -119,7 +111,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
                           for k, v in _flatten(config.to_dict()).items()})
 
   # --- step ----------------------------------------------------------------
-  train_step = step_lib.make_train_step(config, graphdef, tx, schedule)
+  # Traced under the layout: activation constraints and expert-parallel MoE dispatch.
+  train_step = sharding.under_layout(step_lib.make_train_step(
+      config, graphdef, tx, schedule,
+      **sharding.step_shardings(layout, state_sharding, data_sharding)), layout)
 
   # --- loop ----------------------------------------------------------------
   report = periodic_actions.ReportProgress(num_train_steps=t.num_steps, writer=writer,
@@ -133,7 +128,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
   try:
     for step in range(start_step + 1, t.num_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        batch = _to_global(next(data_iter), data_sharding)
+        batch = sharding.to_global(next(data_iter), data_sharding)
         state, metrics = train_step(state, batch)
       unchecked.append((step, metrics))
       interval_steps += 1

@@ -1,5 +1,18 @@
 """The jitted train step: the objective (objective.py) + router aux losses, AdamW, router-bias
-and loss-EMA updates."""
+and loss-EMA updates.
+
+Elastic training (config.elastic.enabled; ERNIE 5.0, arXiv 2602.04705): the global batch
+is split into config.elastic.micro_batches micro-batches (row r goes to micro-batch
+r mod n, so each data-parallel shard feeds every micro-batch without moving rows);
+micro-batch 0 trains the full model, micro-batch i > 0 a sub-model drawn in-jit by
+model/elastic.sample_masks from fold_in(fold_in(key(config.seed), ELASTIC_STREAM), step)
+and i (so a resumed run draws the same sub-models). A lax.scan over the micro-batches
+accumulates the gradients, which are averaged, and one optimizer update follows. The
+reported metrics are micro-batch 0's (the full model) plus elastic/* for the sub-models.
+The router bias moves on every micro-batch's load, each against the experts its
+sub-model could route to (router.update_router_bias with `active`), so only active
+experts of active layers move. Every sub-model shares one compiled step.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +25,12 @@ import ml_collections
 import optax
 from flax import nnx
 
+from ernie5_jax.model import elastic as elastic_lib
 from ernie5_jax.train import objective
 from ernie5_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
+ELASTIC_STREAM = 0x5E1A  # Folded into key(config.seed): the sub-model draws' own stream.
 
 
 def router_metrics(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -31,31 +46,102 @@ def router_metrics(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
   return metrics
 
 
+class _SubModelView:
+  """The model as objective.compute_loss sees it, running the sub-model `masks`."""
+
+  def __init__(self, model: Any, masks: elastic_lib.ElasticMasks):
+    self._model, self._masks = model, masks
+
+  def hidden_states(self, *args, **kwargs):
+    """Decoder.hidden_states of the sub-model."""
+    return self._model.hidden_states(*args, elastic=self._masks, **kwargs)
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self._model, name)
+
+
 def loss_and_metrics(params: nnx.State, rest: nnx.State, batch: Batch, *,
-                     graphdef: nnx.GraphDef, config: ml_collections.ConfigDict
+                     graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
+                     elastic: elastic_lib.ElasticMasks | None = None
                      ) -> tuple[jax.Array, tuple[dict[str, jax.Array], dict[str, jax.Array]]]:
-  """Returns (total loss, (metrics, aux)) of the objective (objective.py) on one batch."""
+  """Returns (total loss, (metrics, aux)) of the objective (objective.py) on one batch.
+
+  elastic: the sub-model to train (model/elastic.py); None: the full model.
+  """
   # copy=True: `rest` Variables were created at the outer (jit) trace level.
   model = nnx.merge(graphdef, params, rest, copy=True)
-  loss, (metrics, aux) = objective.compute_loss(model, batch, config=config)
+  view = model if elastic is None else _SubModelView(model, elastic)
+  loss, (metrics, aux) = objective.compute_loss(view, batch, config=config)
   metrics.update(router_metrics(aux))
   return loss, (metrics, aux)
+
+
+def step_masks(config: ml_collections.ConfigDict, step: jax.Array) -> elastic_lib.ElasticMasks:
+  """The sub-models of one step, stacked [micro_batches]: 0 the full model, then draws."""
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), ELASTIC_STREAM),
+                           step)
+  draws = jnp.arange(1, config.elastic.micro_batches)
+  sampled = jax.vmap(lambda i: elastic_lib.sample_masks(
+      config, jax.random.fold_in(key, i)))(draws)  # [micro_batches - 1, ...]
+  full = elastic_lib.masks_for(config, elastic_lib.full_submodel(config))
+  return jax.tree.map(lambda f, s: jnp.concatenate([f[None], s]), full, sampled)
+
+
+def split_micro_batches(batch: Batch, num: int) -> Batch:
+  """[batch, ...] -> [num, batch // num, ...]; row r goes to micro-batch r mod num."""
+  return {k: jnp.swapaxes(v.reshape(v.shape[0] // num, num, *v.shape[1:]), 0, 1)
+          for k, v in batch.items()}
+
+
+def elastic_grads(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
+                   config: ml_collections.ConfigDict):
+  """Gradients averaged over the micro-batches (module docstring); metrics of the full model.
+
+  Returns (grads, metrics, aux of micro-batch 0, expert_load [micro, moe_layers, E],
+  active [micro, moe_layers, E] bool).
+  """
+  num = config.elastic.micro_batches
+  masks = step_masks(config, state.step)
+  grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
+
+  def body(total, xs):
+    micro_batch, sub = xs
+    (_, (metrics, aux)), grads = grad_fn(state.params, state.rest, micro_batch,
+                                         graphdef=graphdef, config=config, elastic=sub)
+    return jax.tree.map(jnp.add, total, grads), (metrics, aux)
+
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  total, (metrics, aux) = jax.lax.scan(body, zeros, (split_micro_batches(batch, num), masks))
+  grads = jax.tree.map(lambda g: g / num, total)
+  sizes = jax.vmap(elastic_lib.describe)(masks)
+  full_metrics = {k: v[0] for k, v in metrics.items()}
+  full_metrics["elastic/sub_loss"] = jnp.mean(metrics["loss"][1:])
+  full_metrics["elastic/sub_ce_loss"] = jnp.mean(metrics["ce_loss"][1:])
+  for name, value in sizes.items():  # Mean size of this step's sampled sub-models.
+    full_metrics[f"elastic/{name}"] = jnp.mean(value[1:])
+  nd = config.model.num_dense_layers
+  active = masks.layer_keep[:, nd:, None] & masks.expert_mask[:, None, :]
+  return grads, full_metrics, jax.tree.map(lambda v: v[0], aux), aux["expert_load"], active
 
 
 def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
                config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
                schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the global batch; returns (new state, scalar metrics)."""
-  grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)  # grads w.r.t. params only
-  (_, (metrics, aux)), grads = grad_fn(state.params, state.rest, batch, graphdef=graphdef,
-                                       config=config)
+  if config.elastic.enabled:
+    grads, metrics, aux, load, active = elastic_grads(state, batch, graphdef=graphdef,
+                                                       config=config)
+  else:
+    grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)  # grads w.r.t. params only
+    (_, (metrics, aux)), grads = grad_fn(state.params, state.rest, batch, graphdef=graphdef,
+                                         config=config)
+    load, active = aux["expert_load"], None
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   # Aux-loss-free balancing from this step's loads. Inside one jit the model's sum over
   # tokens already spans the global batch, whatever the sharding.
   model = nnx.merge(graphdef, params, state.rest)
-  model.update_router_bias(jax.lax.stop_gradient(aux["expert_load"]),
-                           config.router.bias_update_rate)
+  model.update_router_bias(jax.lax.stop_gradient(load), config.router.bias_update_rate, active)
   model.loss_ema[...] = jax.lax.stop_gradient(aux["loss_ema"])  # Posterior weighting's estimate.
   _, _, rest = nnx.split(model, nnx.Param, ...)
   metrics["grad_norm"] = optax.global_norm(grads)
@@ -69,7 +155,11 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
 
 
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
-                    tx: optax.GradientTransformation, schedule: optax.Schedule) -> Any:
-  """Returns train_step jitted with the state donated: fn(state, batch) -> (state, metrics)."""
+                    tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    **jit_kwargs: Any) -> Any:
+  """Returns train_step jitted with the state donated: fn(state, batch) -> (state, metrics).
+
+  jit_kwargs go to jax.jit, e.g. in/out shardings from sharding.step_shardings.
+  """
   fn = functools.partial(train_step, graphdef=graphdef, config=config, tx=tx, schedule=schedule)
-  return jax.jit(fn, donate_argnames=("state",))
+  return jax.jit(fn, donate_argnames=("state",), **jit_kwargs)

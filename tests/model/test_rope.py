@@ -23,12 +23,25 @@ def rope_1d(x, index, theta=THETA):
   return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+def interleaved_axes(sections):
+  """Axis of each pair: repeatedly take the axis whose next pair is furthest behind its share."""
+  taken, axes = [0, 0, 0], []
+  for _ in range(sum(sections)):
+    # Next pair of axis a sits at fraction (taken[a] + 1/2) / n_a; take the smallest.
+    axis = min((a for a in range(3) if taken[a] < sections[a]),
+               key=lambda a: ((taken[a] + 0.5) / sections[a], a))
+    taken[axis] += 1
+    axes.append(axis)
+  return axes
+
+
 def rotation_matrix(pos_thw, head_dim, sections, theta=THETA):
   """[D, D] block rotation for one token: pair i = (i, i + D/2), angle pos[axis(i)] * f_i."""
   half = head_dim // 2
   r = np.zeros((head_dim, head_dim))
+  axes = interleaved_axes(sections)
   for i in range(half):
-    axis = 0 if i < sections[0] else (1 if i < sections[0] + sections[1] else 2)
+    axis = axes[i]
     ang = pos_thw[axis] * theta ** (-2.0 * i / head_dim)
     c, s = np.cos(ang), np.sin(ang)
     r[i, i], r[i, i + half] = c, -s
@@ -72,6 +85,15 @@ def test_arbitrary_positions_match_rotation_matrices(x, sections):
       r = rotation_matrix(positions[b, s], HEAD_DIM, sections)
       expected[b, s] = np.einsum("ij,hj->hi", r, x[b, s])
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_axes_interleave_over_the_frequency_range():
+  # (8, 4, 4): t at both ends, h and w spread over the whole range (not only the lowest).
+  np.testing.assert_array_equal(rope.section_index((8, 4, 4)),
+                                [0, 1, 2, 0, 0, 1, 2, 0, 0, 1, 2, 0, 0, 1, 2, 0])
+  index = rope.section_index((16, 8, 8))
+  assert np.bincount(index).tolist() == [16, 8, 8]
+  assert index[:4].tolist() == [0, 1, 2, 0]  # Every axis gets high frequencies too.
 
 
 def test_t_only_section_ignores_h_and_w(x):

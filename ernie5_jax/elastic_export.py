@@ -1,0 +1,151 @@
+"""Sub-model export: one member of the elastic family as a standalone, smaller Decoder.
+
+The one home of export (`python -m ernie5_jax.main --mode=export`; the eval and
+generation tools call `export_submodel` in memory). A SubModel (model/elastic.py)
+becomes a normal model of its own config (`elastic.sub_config`):
+- depth: the kept layers (`elastic.kept_layers`) are restacked, so the dense and MoE
+  stacks hold only those (scanned stacks: a gather on the 'layers' axis; unscanned:
+  renumbered blocks);
+- width: every MoE layer keeps the expert prefix 0..experts-1: w_gate / w_up / w_down,
+  the router kernel's columns and the router bias are sliced;
+- sparsity: model.top_k = sub.top_k.
+Everything else (embedding, norms, shared experts, MTP and audio heads, the loss EMA) is
+copied. The export computes exactly what the full model computes under
+`elastic.masks_for(config, sub)`: masked experts had -inf logits, so softmax / sigmoid
+over the kept prefix are the same numbers.
+
+On disk (`write_submodel`), <dir>/ holds
+  model/          orbax StandardCheckpointer save of the nnx.State (params + RouterBias, ...)
+  config.json     the sub-model's full experiment config (checkpoint.save_config)
+  submodel.json   {"depth", "experts", "top_k", "kept_layers", "source"}
+the layout `ernie5_jax.train.checkpoint.restore_model(dir)` loads as a normal Decoder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from ernie5_jax.model import elastic
+from ernie5_jax.model.decoder import Decoder
+from ernie5_jax.train import checkpoint
+
+_STACKS = ("dense_layers", "moe_layers")
+_EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")  # [(layers,) experts, ...]
+
+
+def abstract_model(config: ml_collections.ConfigDict) -> Decoder:
+  """The Decoder of config with jax.ShapeDtypeStruct leaves (nothing is computed)."""
+  return nnx.eval_shape(lambda: Decoder(config.model, mtp_depth=config.objective.mtp_depth,
+                                        rngs=nnx.Rngs(0)))
+
+
+def _value(leaf: Any) -> jax.Array:
+  return leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+
+
+def _source(path: tuple, value_of, config: ml_collections.ConfigDict, sub: elastic.SubModel,
+            kept: tuple[int, ...]) -> jax.Array:
+  """The array of the sub-model's variable at `path`, cut from the full model's state."""
+  if not (path and path[0] in _STACKS and len(path) > 1 and path[1] == "layers"):
+    return value_of(path)
+  num_dense = config.model.num_dense_layers
+  local = ([i for i in kept if i < num_dense] if path[0] == "dense_layers" else
+           [i - num_dense for i in kept if i >= num_dense])  # Kept indices in this stack.
+  scanned = bool(config.model.scan_layers)
+  if scanned:
+    array = jnp.take(value_of(path), jnp.asarray(local, jnp.int32), axis=0)
+  else:  # ('moe_layers', 'layers', j, ...): block j of the sub-model is block local[j].
+    array = value_of(path[:2] + (local[path[2]],) + path[3:])
+  if path[0] == "moe_layers":
+    lead = 1 if scanned else 0  # The stacked 'layers' axis.
+    if path[-2:-1] == ("experts",) and path[-1] in _EXPERT_WEIGHTS:
+      array = jax.lax.slice_in_dim(array, 0, sub.experts, axis=lead)
+    elif path[-2:] in (("router", "kernel"), ("router", "bias")):
+      array = array[..., :sub.experts]  # kernel [.., embed, experts]; bias [.., experts]
+  return array
+
+
+def export_submodel(config: ml_collections.ConfigDict, model_state: nnx.State,
+                    sub: elastic.SubModel) -> tuple[ml_collections.ConfigDict, nnx.State]:
+  """The standalone (sub_config, sub_state) of `sub` from the full model's state.
+
+  model_state: nnx.state(model) of config's Decoder (e.g. TrainState.model_state()).
+  sub_state fits Decoder(sub_config.model, mtp_depth=sub_config.objective.mtp_depth):
+  nnx.merge(nnx.graphdef(abstract_model(sub_config)), sub_state) is the sub-model.
+  """
+  elastic.check_submodel(config, sub)
+  kept = elastic.kept_layers(config, sub)
+  sub_cfg = elastic.sub_config(config, sub)
+  full = dict(nnx.to_flat_state(model_state))
+
+  def value_of(path: tuple) -> jax.Array:
+    if path not in full:
+      raise ValueError(f"model_state has no variable {'/'.join(map(str, path))}: expected "
+                       "nnx.state of the Decoder built from `config`")
+    return _value(full[path])
+
+  leaves = []
+  for path, target in nnx.to_flat_state(nnx.state(abstract_model(sub_cfg))):
+    array = _source(path, value_of, config, sub, kept)
+    if array.shape != target.shape:
+      raise ValueError(f"model_state variable {'/'.join(map(str, path))} has shape "
+                       f"{array.shape}; the sub-model {sub} expects {target.shape}: is "
+                       "model_state the state of the Decoder built from `config`?")
+    leaves.append((path, target.replace(array.astype(target.dtype))))
+  return sub_cfg, nnx.from_flat_state(leaves)
+
+
+def build_model(config: ml_collections.ConfigDict, model_state: nnx.State) -> Decoder:
+  """The Decoder of config holding model_state (e.g. an exported sub-model)."""
+  return nnx.merge(nnx.graphdef(abstract_model(config)), model_state)
+
+
+def write_submodel(directory: str, sub_config: ml_collections.ConfigDict,
+                   sub_state: nnx.State, *, sub: elastic.SubModel | None = None,
+                   source: str = "", kept_layers: tuple[int, ...] = ()) -> str:
+  """Writes an exported sub-model to directory/ (module docstring); returns the directory."""
+  directory = os.path.abspath(directory)
+  model_dir = os.path.join(directory, checkpoint.MODEL_ITEM)
+  if os.path.exists(model_dir):
+    raise FileExistsError(f"export directory {directory!r} already holds a "
+                          f"{checkpoint.MODEL_ITEM}/: expected a new or empty directory")
+  os.makedirs(directory, exist_ok=True)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(model_dir, sub_state)
+    checkpointer.wait_until_finished()
+  checkpoint.save_config(sub_config, directory)
+  m = sub_config.model
+  sub = sub or elastic.SubModel(m.num_layers, m.num_experts, m.top_k)
+  with open(os.path.join(directory, "submodel.json"), "w") as f:
+    json.dump({"depth": sub.depth, "experts": sub.experts, "top_k": sub.top_k,
+               "kept_layers": list(kept_layers), "source": source}, f, indent=2)
+  return directory
+
+
+def export_checkpoint(path: str, sub: elastic.SubModel, out_dir: str, *,
+                      config: ml_collections.ConfigDict | None = None,
+                      step: int | None = None) -> str:
+  """Exports `sub` of a checkpoint to out_dir; returns out_dir.
+
+  path: anything checkpoint.restore_model accepts (a workdir: its latest step, or `step`);
+  config: the run's config (default: the config.json stored with the checkpoint).
+  Raises checkpoint.CheckpointNotFoundError when path holds no checkpoint, ConfigError
+  when `sub` is not a member of the model's family.
+  """
+  location = checkpoint.locate(path, step)
+  if config is not None:  # Fail on a bad SubModel before restoring anything.
+    elastic.check_submodel(config, sub)
+  config, model = checkpoint.restore_model(location, config=config)
+  elastic.check_submodel(config, sub)
+  sub_config, sub_state = export_submodel(config, nnx.state(model), sub)
+  source = str(location.model_dir) + ("" if location.step is None else f" (step {location.step})")
+  return write_submodel(out_dir, sub_config, sub_state, sub=sub, source=source,
+                        kept_layers=elastic.kept_layers(config, sub))

@@ -1,0 +1,68 @@
+"""Token sampling: greedy, temperature and nucleus (top-p), restricted to an id range.
+
+Nucleus sampling after Holtzman et al. 2019 (arXiv 1904.09751, Sec. 3.1): keep the
+smallest set of most likely ids whose probability mass reaches top_p, renormalise,
+sample. Decoding a modality samples only from that modality's id range (e.g. the
+codebook of the image scale being generated), which is where training put its targets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """temperature 0 = greedy (argmax); top_p 1 = no nucleus cut. Traced: no recompiles."""
+  temperature: jax.Array | float = 0.0
+  top_p: jax.Array | float = 1.0
+
+  def __post_init__(self):
+    t, p = self.temperature, self.top_p
+    if isinstance(t, (int, float)) and t < 0:
+      raise ValueError(f"temperature={t} is not accepted: expected >= 0 (0 = greedy)")
+    if isinstance(p, (int, float)) and not 0 < p <= 1:
+      raise ValueError(f"top_p={p} is not accepted: expected 0 < top_p <= 1")
+
+
+GREEDY = Sampling()
+
+
+def restrict(logits: jax.Array, lo: jax.Array | int, hi: jax.Array | int) -> jax.Array:
+  """Sets logits [..., V] outside ids [lo, hi) to -inf (float32)."""
+  ids = jnp.arange(logits.shape[-1])
+  return jnp.where((ids >= lo) & (ids < hi), logits.astype(jnp.float32), -jnp.inf)
+
+
+def top_p_filter(logits: jax.Array, top_p: jax.Array | float) -> jax.Array:
+  """Keeps the nucleus of logits [..., V]: ids whose higher-ranked mass is below top_p.
+
+  The most likely id is always kept; ids tied with the smallest kept logit are kept too.
+  """
+  desc = jnp.sort(logits, axis=-1)[..., ::-1]  # [..., V] descending
+  probs = jax.nn.softmax(desc, axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs  # Mass of strictly higher-ranked ids.
+  kept = jnp.where(mass_before < top_p, desc, jnp.inf)
+  cutoff = jnp.min(kept, axis=-1, keepdims=True)  # Smallest kept logit.
+  return jnp.where(logits >= cutoff, logits, -jnp.inf)
+
+
+def sample(rng: jax.Array, logits: jax.Array, sampling: Sampling, *,
+           lo: jax.Array | int = 0, hi: jax.Array | int | None = None) -> jax.Array:
+  """Draws one id per row of logits [..., V] within [lo, hi) -> [...] int32."""
+  hi = logits.shape[-1] if hi is None else hi
+  logits = restrict(logits, lo, hi)
+  temperature = jnp.asarray(sampling.temperature, jnp.float32)
+
+  def drawn(logits):
+    scaled = top_p_filter(logits / jnp.maximum(temperature, 1e-6), sampling.top_p)
+    return jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+
+  def greedy(logits):
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  # A traced switch (no recompile between greedy and sampling); greedy skips the sort.
+  return jax.lax.cond(temperature > 0, drawn, greedy, logits)

@@ -1,0 +1,32 @@
+"""Elastic-training ablation (issue #5): the tiny model trained as an elastic family.
+
+  python -m ernie5_jax.main --config=experiments/elastic_ablation.py --workdir=workdirs/abl_elastic
+  python -m ernie5_jax.main --config=experiments/elastic_ablation_static.py \
+      --workdir=workdirs/abl_static
+  python -m ernie5_jax.main --mode=eval --checkpoint=workdirs/abl_elastic \
+      --workdir=workdirs/abl_elastic/eval
+  python -m ernie5_jax.main --mode=eval --checkpoint=workdirs/abl_static \
+      --workdir=workdirs/abl_static/eval
+  python benchmarks/elastic_ablation.py workdirs/abl_elastic/eval workdirs/abl_static/eval
+
+Both runs see the same data, batch, steps and learning-rate schedule; the only difference
+is config.elastic.enabled (ERNIE 5.0 defaults: micro-batch 0 the full model, micro-batch 1
+a sampled sub-model with full depth p=0.75, all experts p=0.8, default top-k p=0.8). The
+eval job reports the same family for both (for the static run, the family members are
+plain truncations of a model that never trained them). About 5-8 min per run on 2 cores.
+"""
+
+import os
+import runpy
+
+_TINY = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny.py"))
+
+
+def get_config(arg: str = "digits_multimodal"):
+  """Returns the elastic arm: tiny on `arg` data, 1000 steps, elastic training on."""
+  config = _TINY["get_config"](arg)
+  config.train.num_steps = 1000
+  config.train.log_every = 50
+  config.train.checkpoint_every = 250
+  config.elastic.enabled = True
+  return config
