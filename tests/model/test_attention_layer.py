@@ -17,9 +17,9 @@ SECTIONS, THETA = (2, 1, 1), 10_000.0
 
 
 def np_rope(x, positions):
-  """Uni-RoPE in numpy: pair i uses axis t / h / w by section, rotate-half layout."""
+  """Uni-RoPE in numpy: pair i uses axis t / h / w (interleaved), rotate-half layout."""
   half = HEAD_DIM // 2
-  axis = np.repeat(np.arange(3), SECTIONS)  # [D/2]
+  axis = np.array([0, 1, 2, 0])  # [D/2]: (2, 1, 1) interleaved as t h w t (test_rope.py).
   freqs = THETA ** (-np.arange(half) * 2.0 / HEAD_DIM)
   ang = positions[..., axis] * freqs  # [B, S, D/2]
   cos, sin = np.cos(ang)[:, :, None], np.sin(ang)[:, :, None]
