@@ -327,39 +327,9 @@ def run_eval(checkpoint_path: str, out_dir: str, *,
 def resolve_config(loc: checkpoint.CheckpointLocation,
                    config: ml_collections.ConfigDict | None,
                    override_fields: tuple[str, ...]) -> ml_collections.ConfigDict:
-  """The checkpoint's stored config with override_fields taken from config (run_eval), validated.
-
-  Without a stored config.json, config is used whole.
-  """
-  if override_fields and config is None:
-    raise config_lib.ConfigError(f"config overrides {override_fields} need --config (the "
-                                 "experiment file that declares the fields)")
-  if loc.config_path is not None:
-    stored = checkpoint.load_config(str(loc.config_path))
-    for path in override_fields:
-      apply_override(stored, config, path)
-    if config is not None and not override_fields:
-      logging.info("Using the config stored with the checkpoint (%s); --config only supplies "
-                   "--config.* overrides.", loc.config_path)
-    config = stored
-  elif config is None:
-    raise checkpoint.CheckpointNotFoundError(
-        f"no {checkpoint.CONFIG_FILE} next to checkpoint {loc.model_dir}: pass the training "
-        "run's --config (with its overrides)")
-  else:
-    config = ml_collections.ConfigDict(config.to_dict())  # Unlocked copy.
+  """checkpoint.resolve_config, for LM checkpoints only (the eval job's families)."""
+  config = checkpoint.resolve_config(loc, config, override_fields)
   if config.get("trainer", "lm") != "lm":
     raise config_lib.ConfigError(f"config.trainer={config.trainer!r} is not accepted by the "
                                  "eval job: expected an LM checkpoint ('lm')")
-  config_lib.validate(config)
   return config
-
-
-def apply_override(config: ml_collections.ConfigDict, overrides: ml_collections.ConfigDict,
-                   path: str) -> None:
-  """config.<path> = overrides.<path> for a dotted path (e.g. "eval.num_batches")."""
-  *parents, leaf = path.split(".")
-  src, dst = overrides, config
-  for part in parents:
-    src, dst = src[part], dst[part]
-  dst[leaf] = src[leaf]

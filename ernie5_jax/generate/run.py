@@ -186,33 +186,6 @@ def generate_samples(config: ml_collections.ConfigDict, model: nnx.Module, out_d
   return report
 
 
-def resolve_config(loc, config: ml_collections.ConfigDict | None,
-                   override_fields: tuple[str, ...]) -> ml_collections.ConfigDict:
-  """The checkpoint's stored config with the command line's --config.* overrides (as --mode=eval).
-
-  Without a stored config.json, `config` (the run's --config) is used whole.
-  """
-  from ernie5_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from ernie5_jax.eval.job import apply_override  # pylint: disable=g-import-not-at-top
-  from ernie5_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
-  if override_fields and config is None:
-    raise config_lib.ConfigError(f"config overrides {override_fields} need --config (the "
-                                 "experiment file that declares the fields)")
-  if loc.config_path is not None:
-    stored = checkpoint.load_config(str(loc.config_path))
-    for path in override_fields:
-      apply_override(stored, config, path)
-    config = stored
-  elif config is None:
-    raise checkpoint.CheckpointNotFoundError(
-        f"no {checkpoint.CONFIG_FILE} next to checkpoint {loc.model_dir}: pass the training "
-        "run's --config (with its overrides)")
-  else:
-    config = ml_collections.ConfigDict(config.to_dict())  # Unlocked copy.
-  config_lib.validate(config)
-  return config
-
-
 def generate_from_checkpoint(checkpoint_path: str, out_dir: str, *,
                              config: ml_collections.ConfigDict | None = None,
                              override_fields: tuple[str, ...] = (), step: int | None = None
@@ -220,12 +193,12 @@ def generate_from_checkpoint(checkpoint_path: str, out_dir: str, *,
   """Restores checkpoint_path and writes generate_samples (settings: config.generate) to out_dir.
 
   checkpoint_path: anything train/checkpoint.py restore_model accepts; config /
-  override_fields: as `resolve_config`; step: of a workdir (default: the latest).
+  override_fields: as `checkpoint.resolve_config`; step: of a workdir (default: the latest).
   """
   from ernie5_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   loc = checkpoint.locate(checkpoint_path, step)
-  config, model = checkpoint.restore_model(loc, config=resolve_config(loc, config,
-                                                                      override_fields))
+  config = checkpoint.resolve_config(loc, config, override_fields)
+  config, model = checkpoint.restore_model(loc, config=config)
   g = config.generate
   report = generate_samples(config, model, out_dir, per_digit=g.samples_per_digit,
                             sampling=Sampling(g.temperature, g.top_p), seed=g.seed,

@@ -17,7 +17,6 @@ path alone:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import tempfile
 from typing import Any, Callable
@@ -317,3 +316,41 @@ def restore_model(path: str | CheckpointLocation,
   logging.info("Restored the model of %s%s.", loc.model_dir,
                "" if loc.step is None else f" (step {loc.step})")
   return config, nnx.merge(graphdef, state)
+
+
+def resolve_config(loc: CheckpointLocation, config: ml_collections.ConfigDict | None,
+                   override_fields: tuple[str, ...]) -> ml_collections.ConfigDict:
+  """The checkpoint's stored config with override_fields taken from config, validated.
+
+  config is the command line's --config: used whole only without a stored config.json;
+  otherwise only its `override_fields` (dotted paths set as --config.*) replace stored values.
+  """
+  if override_fields and config is None:
+    raise config_lib.ConfigError(f"config overrides {override_fields} need --config (the "
+                                 "experiment file that declares the fields)")
+  if loc.config_path is not None:
+    stored = load_config(str(loc.config_path))
+    for path in override_fields:
+      apply_override(stored, config, path)
+    if config is not None and not override_fields:
+      logging.info("Using the config stored with the checkpoint (%s); --config only supplies "
+                   "--config.* overrides.", loc.config_path)
+    config = stored
+  elif config is None:
+    raise CheckpointNotFoundError(
+        f"no {CONFIG_FILE} next to checkpoint {loc.model_dir}: pass the training "
+        "run's --config (with its overrides)")
+  else:
+    config = ml_collections.ConfigDict(config.to_dict())  # Unlocked copy.
+  config_lib.validate(config)
+  return config
+
+
+def apply_override(config: ml_collections.ConfigDict, overrides: ml_collections.ConfigDict,
+                   path: str) -> None:
+  """config.<path> = overrides.<path> for a dotted path (e.g. "eval.num_batches")."""
+  *parents, leaf = path.split(".")
+  src, dst = overrides, config
+  for part in parents:
+    src, dst = src[part], dst[part]
+  dst[leaf] = src[leaf]
