@@ -11,8 +11,8 @@ staged batch, two ways:
 Each time is divided by the full model's and compared with the ratio of active model
 FLOPs (benchmarks/train_step.py: 6 * active matmul params + attention, per token):
 time_ratio / flops_ratio = 1 means the time falls exactly with the FLOPs.
-Then the elastic train step (full model on micro-batch 0, sampled sub-models on the
-others) runs --steps steps with different draws; it must compile exactly once.
+Then the elastic train step (the full model, then sampled sub-models, on the same batch)
+runs --steps steps with different draws; it must compile exactly once.
 
   nice -n 10 python benchmarks/elastic_step.py            # experiments/tiny.py:synthetic
   python benchmarks/elastic_step.py --iters 20 --steps 30
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
       "global_batch_size": config.data.global_batch_size, "seq_len": config.data.seq_len,
       "iters": args.iters, "submodels": rows,
       "masked_forward_backward_compiles": masked_compiles,
-      "elastic_step": {"steps": args.steps, "micro_batches": config.elastic.micro_batches,
+      "elastic_step": {"steps": args.steps, "sub_models": config.elastic.sub_models,
                        "first_step_s (compile + run)": first_s["elastic"],
                        "step_ms (median)": float(np.median(step_ms["elastic"])),
                        "sampled_submodels": sorted(sampled),

@@ -150,18 +150,21 @@ def default_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3  # Checkpoints kept on disk.
   t.async_checkpoints = True  # Save in the background (orbax async).
   t.profile_steps = 0  # Steps to trace with the profiler after warm-up; 0 disables.
+  # Fine-tuning (SFT, RL): a checkpoint path (as --mode=eval takes) whose model weights start
+  # the run when the workdir has no checkpoint yet; the optimizer and the step start fresh.
+  # Its model must have this config's shapes. "" = initialise from config.seed.
+  t.init_from = ""
 
   # --- elastic training: one run trains a family of sub-models (ernie5_jax/model/elastic.py) ---
-  # ERNIE 5.0 (arXiv 2602.04705): each optimizer step trains the full model on micro-batch 0
-  # and a sub-model sampled per micro-batch (depth, routed experts, top-k) on the others.
+  # ERNIE 5.0 (arXiv 2602.04705): each optimizer step trains the full model and
+  # elastic.sub_models sampled sub-models (depth, routed experts, top-k) on the same batch.
   # A sub-model keeps the full value of each axis with the *_prob below, else draws
   # uniformly from that axis's choices; an axis without choices always stays full.
   el = c.elastic = ml_collections.ConfigDict()
   el.enabled = False  # Train the family (experiments turn it on); False: the full model only.
-  # Micro-batches the global batch is split into (>= 2 when enabled; divides
-  # data.global_batch_size): 0 = full model, each other one a sampled sub-model; the step
-  # averages their gradients.
-  el.micro_batches = 2
+  # Sub-models sampled per step, each a pass over the whole batch after the full model's
+  # (train/step.py; a step costs 1 + sub_models passes); the step averages their gradients.
+  el.sub_models = 1
   el.full_depth_prob = 0.75  # P(all model.num_layers layers).
   el.full_experts_prob = 0.8  # P(all model.num_experts routed experts).
   el.full_top_k_prob = 0.8  # P(model.top_k experts per token).
@@ -388,21 +391,13 @@ def _check_eval(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_elastic(config: ml_collections.ConfigDict) -> None:
-  """Checks config.elastic: probabilities, micro-batches and each axis's choices."""
+  """Checks config.elastic: probabilities, sub-models per step and each axis's choices."""
   el, m = config.elastic, config.model
   for name in ("full_depth_prob", "full_experts_prob", "full_top_k_prob"):
     if not 0 <= el[name] <= 1:
       fail(f"elastic.{name}", el[name], "expected a probability in [0, 1]")
-  if not isinstance(el.micro_batches, int) or el.micro_batches < 1:
-    fail("elastic.micro_batches", el.micro_batches, "expected an int >= 1")
-  if el.enabled:
-    if el.micro_batches < 2:
-      fail("elastic.micro_batches", el.micro_batches,
-           "expected >= 2 when elastic.enabled (micro-batch 0 trains the full model, the "
-           "others sampled sub-models)")
-    if config.data.global_batch_size % el.micro_batches:
-      fail("elastic.micro_batches", el.micro_batches,
-           f"expected a divisor of data.global_batch_size={config.data.global_batch_size}")
+  if not isinstance(el.sub_models, int) or el.sub_models < 1:
+    fail("elastic.sub_models", el.sub_models, "expected an int >= 1 (sub-models per step)")
   min_depth = min(2, m.num_layers)
   for name, low, high, what in (
       ("depths", min_depth, m.num_layers - 1, "the first and last layers are always kept"),

@@ -10,10 +10,11 @@
   python benchmarks/elastic_ablation.py workdirs/abl_elastic/eval workdirs/abl_static/eval
 
 Both runs see the same data, batch, steps and learning-rate schedule; the only difference
-is config.elastic.enabled (ERNIE 5.0 defaults: micro-batch 0 the full model, micro-batch 1
-a sampled sub-model with full depth p=0.75, all experts p=0.8, default top-k p=0.8). The
-eval job reports the same family for both (for the static run, the family members are
-plain truncations of a model that never trained them). About 5-8 min per run on 2 cores.
+is config.elastic.enabled (ERNIE 5.0 defaults: each step trains the full model and one
+sampled sub-model on the same batch, with full depth p=0.75, all experts p=0.8, default
+top-k p=0.8; the elastic step costs two passes). The eval job reports the same family for
+both (for the static run, the family members are plain truncations of a model that never
+trained them).
 """
 
 import os

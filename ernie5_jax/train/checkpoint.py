@@ -30,7 +30,7 @@ from etils import epath
 from flax import nnx
 
 from ernie5_jax import config as config_lib
-from ernie5_jax.train.state import TrainState, create_model, num_params
+from ernie5_jax.train.state import TrainState, create_model, new_train_state, num_params
 
 CHECKPOINT_SUBDIR = "checkpoints"
 CONFIG_FILE = "config.json"  # The resolved config, next to checkpoints/ (or an export's model/).
@@ -316,6 +316,18 @@ def restore_model(path: str | CheckpointLocation,
   logging.info("Restored the model of %s%s.", loc.model_dir,
                "" if loc.step is None else f" (step {loc.step})")
   return config, nnx.merge(graphdef, state)
+
+
+def init_from(config: ml_collections.ConfigDict, tx: Any, path: str, *,
+              sharding: Any = None) -> TrainState:
+  """A new TrainState (step 0, fresh optimizer) whose model weights come from checkpoint `path`.
+
+  config.train.init_from's meaning (fine-tuning); the checkpoint's model must have config's
+  shapes (CheckpointMismatchError lists the arrays that differ).
+  """
+  _, model = restore_model(path, config)
+  state = new_train_state(model, tx)
+  return state if sharding is None else jax.device_put(state, sharding)
 
 
 def resolve_config(loc: CheckpointLocation, config: ml_collections.ConfigDict | None,

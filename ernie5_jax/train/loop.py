@@ -69,6 +69,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
   config_lib.validate(config)  # Before anything is built or compiled.
   t = config.train
 
+  if t.init_from:  # A wrong path fails now, before the data and the model are built.
+    checkpoint.locate(t.init_from)
   # --- logging -------------------------------------------------------------
   checkpoint.ensure_writable(workdir)
   if jax.process_index() == 0:  # Eval/export jobs rebuild the model from it (restore_model).
@@ -96,9 +98,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
   # --- checkpoint (restore the latest, else initialise) -------------------
   manager = checkpoint.create_manager(workdir, keep=t.keep_checkpoints,
                                       async_save=t.async_checkpoints)
-  state = checkpoint.restore_or_init(
-      manager, abstract, data_iter,
-      lambda: state_lib.init_train_state(config, tx, sharding=state_sharding)[1])
+  if t.init_from:  # Fine-tuning: the start weights come from another run's checkpoint.
+    init = lambda: checkpoint.init_from(config, tx, t.init_from, sharding=state_sharding)
+  else:
+    init = lambda: state_lib.init_train_state(config, tx, sharding=state_sharding)[1]
+  state = checkpoint.restore_or_init(manager, abstract, data_iter, init)
   start_step = int(state.step)
   if start_step >= t.num_steps:
     logging.info("Nothing to do: the checkpoint at step %d already reached "

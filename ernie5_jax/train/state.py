@@ -47,7 +47,8 @@ def create_model(config: ml_collections.ConfigDict) -> Decoder:
   return Decoder(config.model, mtp_depth=config.objective.mtp_depth, rngs=nnx.Rngs(config.seed))
 
 
-def _new_state(model: Decoder, tx: optax.GradientTransformation) -> TrainState:
+def new_train_state(model: Decoder, tx: optax.GradientTransformation) -> TrainState:
+  """Step 0, the model's weights, a fresh optimizer state."""
   _, params, rest = nnx.split(model, nnx.Param, ...)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
                     opt_state=tx.init(params))
@@ -72,7 +73,7 @@ def init_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTransf
   # tiny model) than they save at run time.
   if jax.default_backend() == "cpu":
     placement["compiler_options"] = {"xla_backend_optimization_level": 0}
-  init = jax.jit(lambda: _new_state(create_model(config), tx), **placement)
+  init = jax.jit(lambda: new_train_state(create_model(config), tx), **placement)
   return graphdef, init()
 
 

@@ -118,7 +118,7 @@ def test_check_submodel_names_the_allowed_ranges(config):
     ("expert_counts", (1, 4), r"expected distinct ints in 2..3 \(each >= model.top_k\)"),
     ("top_ks", (2,), r"config.elastic.top_ks=\(2,\) .*in 1..1 \(below model.top_k\)"),
     ("full_depth_prob", 1.5, r"config.elastic.full_depth_prob=1.5 .*probability in \[0, 1\]"),
-    ("micro_batches", 0, r"config.elastic.micro_batches=0 is not accepted: expected an int >= 1"),
+    ("sub_models", 0, r"config.elastic.sub_models=0 is not accepted: expected an int >= 1"),
 ])
 def test_config_errors_name_the_field(field, value, message):
   config = tiny_config()
@@ -127,17 +127,10 @@ def test_config_errors_name_the_field(field, value, message):
     config_lib.validate(config)
 
 
-def test_enabled_config_checks_micro_batches():
+def test_enabled_config_derives_and_accepts_explicit_choices():
   config = tiny_config()
-  config.elastic.update(enabled=True, micro_batches=3)  # global batch 8
-  with pytest.raises(config_lib.ConfigError, match=r"micro_batches=3 .*divisor of "
-                     r"data.global_batch_size=8"):
-    config_lib.validate(config)
-  config.elastic.micro_batches = 1
-  with pytest.raises(config_lib.ConfigError, match=r"micro_batches=1 .*>= 2 when "
-                     "elastic.enabled"):
-    config_lib.validate(config)
-  config.elastic.update(micro_batches=4, depths=(2,), expert_counts=(3, 2), top_ks=(1,))
+  config.elastic.update(enabled=True, sub_models=3, depths=(2,), expert_counts=(3, 2),
+                        top_ks=(1,))
   config_lib.validate(config)
   assert elastic.expert_choices(config) == (2, 3)
 
@@ -273,16 +266,16 @@ def test_masked_experts_are_never_routed_and_get_no_bias_update():
                              atol=1e-6)
 
 
-def test_bias_update_sums_micro_batch_deviations():
+def test_bias_update_sums_pass_deviations():
   bias = jnp.zeros((2, 4))  # [layers, experts]
-  load = jnp.array([[[5.0, 3.0, 4.0, 4.0], [4.0, 4.0, 4.0, 4.0]],  # micro-batch 0: full
+  load = jnp.array([[[5.0, 3.0, 4.0, 4.0], [4.0, 4.0, 4.0, 4.0]],  # pass 0: full
                     [[0.0, 0.0, 0.0, 0.0], [2.0, 6.0, 0.0, 0.0]]])  # 1: layer 0 skipped,
   active = jnp.array([[[True] * 4, [True] * 4],                     # 2 experts
                       [[False] * 4, [True, True, False, False]]])
   new = np.asarray(router_lib.update_router_bias(bias, load, 1.0, active))
-  # Layer 0: micro-batch 0 alone. Layer 1: only micro-batch 1 deviates (mean 4 of 2, 6).
+  # Layer 0: pass 0 alone. Layer 1: only pass 1 deviates (mean 4 of 2, 6).
   np.testing.assert_array_equal(new, [[-1.0, 1.0, 0.0, 0.0], [1.0, -1.0, 0.0, 0.0]])
-  # Without elastic micro-batches: the plain rule.
+  # Without elastic passes: the plain rule.
   np.testing.assert_array_equal(
       np.asarray(router_lib.update_router_bias(bias, load[0], 1.0)), new * [[1], [0]])
 
@@ -290,7 +283,7 @@ def test_bias_update_sums_micro_batch_deviations():
 def test_decoder_bias_update_with_active_masks(config):
   model = build(config, seed=5)
   before = np.asarray(model.moe_layers.layers.ffn.router.bias[...])  # [moe_layers, experts]
-  load = jnp.array([[[1.0, 2.0, 3.0, 10.0], [3.0, 3.0, 3.0, 3.0]]])  # [micro, layers, E]
+  load = jnp.array([[[1.0, 2.0, 3.0, 10.0], [3.0, 3.0, 3.0, 3.0]]])  # [passes, layers, E]
   active = jnp.array([[[True, True, True, False], [True] * 4]])
   model.update_router_bias(load, 0.5, active)
   delta = np.asarray(model.moe_layers.layers.ffn.router.bias[...]) - before

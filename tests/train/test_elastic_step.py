@@ -23,12 +23,12 @@ NUM_STEPS = 4
 
 @pytest.fixture(scope="module")
 def setup():
-  """3 layers, elastic on (2 micro-batches), SGD with rate 1 so that grads = -update."""
+  """3 layers, elastic on (1 sub-model per step), SGD with rate 1 so that grads = -update."""
   config = make_tiny_config()
   config.model.num_layers = 3  # 1 dense + 2 MoE: depth 2 skips MoE layer 0.
   config.router.bias_update_rate = RATE
   # Sub-models differ from the full one more often than the defaults make them.
-  config.elastic.update(enabled=True, micro_batches=2, full_depth_prob=0.3,
+  config.elastic.update(enabled=True, sub_models=1, full_depth_prob=0.3,
                         full_experts_prob=0.3, full_top_k_prob=0.3)
   config_lib.validate(config)
   tx, schedule = optax.sgd(1.0), optax.constant_schedule(1.0)
@@ -44,7 +44,7 @@ def _copy(tree):
 
 
 def _subs(masks):
-  """ElasticMasks stacked [micro_batches] -> SubModel per micro-batch."""
+  """ElasticMasks stacked [passes] -> SubModel per pass."""
   return [elastic.SubModel(int(d), int(e), int(k)) for d, e, k in zip(
       np.asarray(masks.layer_keep).sum(-1), np.asarray(masks.expert_mask).sum(-1),
       np.asarray(masks.top_k))]
@@ -55,36 +55,35 @@ def test_draws_depend_on_seed_and_step_only(setup):
   draw = jax.jit(lambda step: step_lib.step_masks(config, step))
   subs = [_subs(draw(jnp.asarray(s, jnp.int32))) for s in range(NUM_STEPS)]
   full = elastic.full_submodel(config)
-  assert all(s[0] == full for s in subs)  # micro-batch 0: the full model, every step
+  assert all(s[0] == full for s in subs)  # pass 0: the full model, every step
   assert len({s[1] for s in subs}) >= 2  # the sampled ones vary from step to step
   assert _subs(draw(jnp.asarray(2, jnp.int32))) == subs[2]  # a resumed run draws the same
   for sub in {sub for s in subs for sub in s}:
     elastic.check_submodel(config, sub)  # every draw is a valid member of the family
 
 
-def test_grads_average_the_micro_batches_and_bias_follows_every_one(setup):
+def test_grads_average_the_passes_and_bias_follows_every_one(setup):
   s, config = setup, setup["config"]
   batch = s["batches"][0]
   before = _copy(s["state"])
   after, metrics = s["train_step"](_copy(before), batch)
 
-  # Reference: each micro-batch on its own sub-model, outside the step's scan.
+  # Reference: the whole batch through each pass's sub-model, outside the step's scan.
   masks = step_lib.step_masks(config, before.step)
-  micro = step_lib.split_micro_batches(batch, 2)
 
   @jax.jit
   def one(params, rest, mb, sub):
     return jax.value_and_grad(step_lib.loss_and_metrics, has_aux=True)(
         params, rest, mb, graphdef=s["graphdef"], config=config, elastic=sub)
-  outs = [one(before.params, before.rest, jax.tree.map(lambda v, i=i: v[i], micro),
-              jax.tree.map(lambda v, i=i: v[i], masks)) for i in range(2)]
+  outs = [one(before.params, before.rest, batch, jax.tree.map(lambda v, i=i: v[i], masks))
+          for i in range(2)]
   want = jax.tree.map(lambda a, b: (a + b) / 2, outs[0][1], outs[1][1])
   got = jax.tree.map(lambda p, q: p - q, before.params, after.params)  # SGD(1): -grads
   for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6,
                                err_msg=jax.tree_util.keystr(path))
 
-  # Metrics: the full model's (micro-batch 0) plus the sampled sub-model's.
+  # Metrics: the full model's (pass 0) plus the sampled sub-model's.
   m0, m1 = (out[0][1][0] for out in outs)  # ((loss, (metrics, aux)), grads)
   np.testing.assert_allclose(float(metrics["loss"]), float(m0["loss"]), rtol=1e-5)
   np.testing.assert_allclose(float(metrics["elastic/sub_loss"]), float(m1["loss"]), rtol=1e-5)
@@ -92,8 +91,8 @@ def test_grads_average_the_micro_batches_and_bias_follows_every_one(setup):
   assert (float(metrics["elastic/depth"]), float(metrics["elastic/experts"]),
           float(metrics["elastic/top_k"])) == (sub.depth, sub.experts, sub.top_k)
 
-  # Router bias: summed deviations of both micro-batches, each over its active experts.
-  load = jnp.stack([out[0][1][1]["expert_load"] for out in outs])  # [micro, layers, E]
+  # Router bias: summed deviations of both passes, each over its active experts.
+  load = jnp.stack([out[0][1][1]["expert_load"] for out in outs])  # [passes, layers, E]
   active = masks.layer_keep[:, 1:, None] & masks.expert_mask[:, None, :]
   (bias0,) = jax.tree.leaves(before.rest.filter(RouterBias))
   (bias1,) = jax.tree.leaves(after.rest.filter(RouterBias))

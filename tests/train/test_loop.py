@@ -1,5 +1,6 @@
 """In-process tests of train_and_evaluate on the real Decoder."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -37,6 +38,23 @@ def test_non_finite_loss_stops_without_saving_and_keeps_last_good_checkpoint(
   _, abstract = state_lib.abstract_train_state(config, tx)
   restored = checkpoint.restore(manager, abstract, input_pipeline.create_train_iterator(config))
   assert int(restored.step) == 2
+  # train.init_from: its weights start a fine-tuning run, at step 0 with a fresh optimizer.
+  tuned = checkpoint.init_from(config, tx, str(tmp_path))
+  assert int(tuned.step) == 0
+  for got, want in zip(jax.tree.leaves(tuned.model_state()),
+                       jax.tree.leaves(restored.model_state())):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  for got, want in zip(jax.tree.leaves(tuned.opt_state),
+                       jax.tree.leaves(tx.init(restored.params))):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_init_from_a_path_without_checkpoint_fails_before_anything_is_built(tmp_path):
+  config = make_tiny_config()
+  config.train.init_from = str(tmp_path / "nothing_here")
+  with pytest.raises(checkpoint.CheckpointNotFoundError, match="nothing_here"):
+    loop.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
 
 
 def test_unwritable_workdir_fails_before_anything_is_built(tmp_path):
