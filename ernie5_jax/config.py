@@ -17,9 +17,13 @@ ATTENTION_BACKENDS = ("auto", "xla", "pallas")
 ROUTER_SCORES = ("softmax", "sigmoid")
 DTYPES = ("float32", "bfloat16")
 # data.source: also "tfds:NAME[/CONFIG]" or "seqio:NAME" (text only, seqio_tasks.py).
-DATA_SOURCES = ("synthetic", "digits_multimodal")
+DATA_SOURCES = ("synthetic", "digits_multimodal", "digits_sft")
 TEXT_SOURCE_PREFIXES = ("tfds:", "seqio:")
 LOSS_WEIGHTINGS = ("posterior", "uniform")
+# RL post-training task families (ernie5_jax/rl/tasks.py) and losses (rl/objective.py).
+RL_FAMILIES = ("image_digit", "video_digit", "audio_digit", "image_arithmetic",
+               "caption_image")
+RL_LOSSES = ("gspo", "token_clip")
 # Device-mesh axes, outermost first (ernie5_jax/sharding.py explains each).
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 DISTRIBUTED_INIT = ("auto", "always", "never")
@@ -98,8 +102,10 @@ def default_config() -> ml_collections.ConfigDict:
   d = c.data = ml_collections.ConfigDict()
   # "synthetic": a deterministic token source (no files; the unit tests' source);
   # "digits_multimodal": the embedded multimodal data (data/digits_multimodal + stdlib_text,
-  # built on first use; experiments/tiny.py); "tfds:NAME[/CONFIG]" / "seqio:NAME": text only
-  # from any TFDS dataset prepared as ArrayRecord or a registered seqio task/mixture.
+  # built on first use; experiments/tiny.py); "digits_sft": instruction SFT of the RL task
+  # families in rl.families (prompt + reference answer, loss on the answer only; rl/sft.py);
+  # "tfds:NAME[/CONFIG]" / "seqio:NAME": text only from any TFDS dataset prepared as
+  # ArrayRecord or a registered seqio task/mixture.
   d.source = "synthetic"
   d.seq_len = 64  # Tokens per packed example.
   d.global_batch_size = 8  # Examples per optimizer step, summed over processes.
@@ -229,6 +235,48 @@ def default_config() -> ml_collections.ConfigDict:
   ge.samples_per_digit = 3  # Caption->image and text->audio samples per digit 0..9.
   ge.text_tokens = 24  # New tokens per text-continuation prompt.
   ge.seed = 0  # Seeds the sampling and the choice of data-style prompts.
+
+  # --- RL post-training: python -m ernie5_jax.main --mode=rl (ernie5_jax/rl/train.py) ---
+  # Starts from train.init_from (an SFT checkpoint); train.checkpoint_every / log_every count
+  # iterations. Each iteration: rollouts of every family (rl/rollout.py), rewards
+  # (rl/verifiers.py), the unbiased replay buffer (rl/buffer.py), rl.updates optimizer steps.
+  rl = c.rl = ml_collections.ConfigDict()
+  rl.iterations = 100  # RL iterations (rollout + updates).
+  rl.families = RL_FAMILIES  # Verifiable task families trained (rl/tasks.py).
+  rl.prompts_per_family = 4  # Prompts per family per iteration.
+  rl.group_size = 4  # Rollouts per prompt (G); advantages are normalised within a group.
+  rl.max_new_tokens = 4  # Response length cap of text families (images: one full image).
+  rl.temperature = 1.0  # Rollout sampling temperature.
+  rl.top_p = 1.0  # Rollout nucleus mass (1 = the full distribution: unbiased log-probs).
+  rl.updates = 2  # Optimizer steps per iteration on its rollouts (pi_old = the rollout policy).
+  # "gspo": sequence-level ratio (pi/pi_old)^(1/|y|) clipped to [1 - clip_low, 1 + clip_high]
+  # (GSPO, arXiv 2507.18071; their ranges 3e-4 / 4e-4); "token_clip": PPO/GRPO per-token ratio
+  # with token_clip_low / token_clip_high (the plain baseline).
+  rl.loss = "gspo"
+  rl.clip_low = 3e-4
+  rl.clip_high = 4e-4
+  rl.token_clip_low = 0.2
+  rl.token_clip_high = 0.28
+  # Rollout router replay: the training forward reuses the expert ids the rollout engine chose.
+  rl.router_replay = True
+  # The rollout engine's precision (a real inference engine's): the training forward is float32.
+  rl.rollout_dtype = "bfloat16"
+  # MISC (ERNIE 5.0): keep a token only when pi_train / pi_infer lies in [alpha, beta].
+  rl.misc = True
+  rl.misc_alpha = 0.5
+  rl.misc_beta = 2.0
+  # WPSM (ERNIE 5.0): positive rollouts of a query solved above wpsm_tau (pass rate) with mean
+  # token entropy below wpsm_eta get weight 1 - wpsm_a.
+  rl.wpsm = True
+  rl.wpsm_tau = 0.75
+  rl.wpsm_eta = 0.3
+  rl.wpsm_a = 0.5
+  # Adaptive hints: prefix a fraction p0 * exp(-gamma * t * pass_rate) of the reference answer.
+  rl.hints = False
+  rl.hint_p0 = 0.5
+  rl.hint_gamma = 0.05
+  rl.eval_every = 25  # Iterations between held-out evaluations (and the last one).
+  rl.eval_prompts = 20  # Held-out prompts per family (greedy decoding, mean reward).
   return c
 
 
@@ -251,6 +299,8 @@ _POSITIVE = (
     "model.audio_levels", "model.audio_codebook_size", "model.audio_head_hidden",
     "optimizer.learning_rate", "train.num_steps", "train.log_every",
     "train.checkpoint_every", "train.keep_checkpoints",
+    "rl.iterations", "rl.prompts_per_family", "rl.max_new_tokens", "rl.updates",
+    "rl.eval_every", "rl.eval_prompts", "rl.misc_beta",
 )
 
 _NON_NEGATIVE = (
@@ -259,6 +309,8 @@ _NON_NEGATIVE = (
     "optimizer.warmup_steps", "optimizer.decay_fraction", "optimizer.min_lr_ratio",
     "optimizer.weight_decay", "optimizer.grad_clip_norm", "train.profile_steps",
     "objective.mtp_depth", "objective.mtp_weight",
+    "rl.temperature", "rl.clip_low", "rl.clip_high", "rl.token_clip_low", "rl.token_clip_high",
+    "rl.misc_alpha", "rl.hint_gamma",
 )
 
 
@@ -342,6 +394,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_elastic(config)
   _check_generate(config)
   _check_eval(config)
+  _check_rl(config)
   _check_mesh(config)
 
 
@@ -410,6 +463,33 @@ def _check_elastic(config: ml_collections.ConfigDict) -> None:
            f"expected distinct ints in {low}..{high} ({what}), or () to derive them")
 
 
+def _check_rl(config: ml_collections.ConfigDict) -> None:
+  """Checks config.rl: families, loss, group size, clip ranges, MISC / WPSM / hint values."""
+  rl = config.rl
+  families = tuple(rl.families)
+  if not families or any(f not in RL_FAMILIES for f in families) or len(set(families)) != len(
+      families):
+    fail("rl.families", families, f"expected distinct names from {RL_FAMILIES}")
+  if rl.loss not in RL_LOSSES:
+    fail("rl.loss", rl.loss, f"expected one of {RL_LOSSES}")
+  if not isinstance(rl.group_size, int) or rl.group_size < 2:
+    fail("rl.group_size", rl.group_size, "expected an int >= 2 (advantages are normalised "
+         "within a group)")
+  if rl.rollout_dtype not in DTYPES:
+    fail("rl.rollout_dtype", rl.rollout_dtype, f"expected one of {DTYPES}")
+  for name in ("clip_low", "token_clip_low"):
+    if not rl[name] < 1:
+      fail(f"rl.{name}", rl[name], "expected < 1 (the ratio's lower bound is 1 - it)")
+  if not rl.misc_alpha < 1 < rl.misc_beta:
+    fail("rl.misc_alpha", (rl.misc_alpha, rl.misc_beta),
+         "expected misc_alpha < 1 < misc_beta (the kept band of pi_train / pi_infer)")
+  for name in ("wpsm_tau", "wpsm_a", "hint_p0"):
+    if not 0 <= rl[name] <= 1:
+      fail(f"rl.{name}", rl[name], "expected a value in [0, 1]")
+  if not 0 < rl.top_p <= 1:
+    fail("rl.top_p", rl.top_p, "expected 0 < top_p <= 1")
+
+
 def _check_generate(config: ml_collections.ConfigDict) -> None:
   """Checks config.generate's sampling parameters and counts."""
   ge = config.generate
@@ -433,7 +513,7 @@ def _check_data_vocabulary(config: ml_collections.ConfigDict) -> None:
       multimodal.MultimodalConfig.from_config(d).task_weights()
   except ValueError as e:
     raise ConfigError(f"config.{e}" if str(e).startswith("data.") else str(e)) from e
-  if d.source == "digits_multimodal":
+  if d.source in ("digits_multimodal", "digits_sft"):
     scales = tuple(tokenizers.ImageTokenizerSpec().scales)
     for field in ("image_scales", "video_scales"):
       want = tuple(d[field])

@@ -12,6 +12,8 @@ config.data.source picks the source:
   "synthetic"          synthetic.py: no files; order from data.shuffle_seed.
   "digits_multimodal"  multimodal.py: data/digits_multimodal + stdlib_text, built with the
                        tokenizers into data.data_dir on first use; records sharded per process.
+  "digits_sft"         rl/sft.py: instruction SFT documents of the RL task families
+                       (config.rl.families), loss on the reference answer only.
   "tfds:NAME", "seqio:NAME"  seqio_tasks.make_text_pipeline: text only.
 Each process reads global_batch_size / process_count rows of every batch; the iterator
 state (get_state / set_state) is saved in the checkpoint, so a resumed run reads on
@@ -51,6 +53,11 @@ def create_dataset(config: ml_collections.ConfigDict, *, process_index: int | No
     from ernie5_jax.input_pipeline import multimodal  # pylint: disable=g-import-not-at-top
     return multimodal.make_multimodal_pipeline(d, seq_len=d.seq_len, batch_size=local,
                                                seed=d.shuffle_seed, **shard).dataset
+  if d.source == "digits_sft":
+    from ernie5_jax.rl import sft  # pylint: disable=g-import-not-at-top
+    return sft.sft_dataset(config, split=d.get("split", "train"), batch_size=local,
+                           seq_len=d.seq_len, seed=d.shuffle_seed,
+                           families={f: 1.0 for f in config.rl.families}, **shard)
   if d.source.startswith(("tfds:", "seqio:")):
     from ernie5_jax.input_pipeline import multimodal, seqio_tasks  # pylint: disable=g-import-not-at-top
     return seqio_tasks.make_text_pipeline(
@@ -59,7 +66,7 @@ def create_dataset(config: ml_collections.ConfigDict, *, process_index: int | No
         **shard)
   if d.source != "synthetic":
     raise ValueError(f"config.data.source={d.source!r} is not accepted: expected 'synthetic', "
-                     "'digits_multimodal', 'tfds:NAME' or 'seqio:NAME'")
+                     "'digits_multimodal', 'digits_sft', 'tfds:NAME' or 'seqio:NAME'")
   return synthetic.make_dataset(
       seq_len=d.seq_len, vocab_size=config.model.vocab_size,
       num_modalities=d.num_modalities, seed=config.seed, shuffle_seed=d.shuffle_seed,
