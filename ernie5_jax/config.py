@@ -276,7 +276,10 @@ def default_config() -> ml_collections.ConfigDict:
   rl.hint_p0 = 0.5
   rl.hint_gamma = 0.05
   rl.eval_every = 25  # Iterations between held-out evaluations (and the last one).
-  rl.eval_prompts = 20  # Held-out prompts per family (greedy decoding, mean reward).
+  rl.eval_prompts = 20  # Held-out prompts per family.
+  # Responses sampled per held-out prompt (at rl.temperature / rl.top_p): held-out reward =
+  # their mean reward, the policy's expected reward.
+  rl.eval_samples = 4
   return c
 
 
@@ -300,7 +303,7 @@ _POSITIVE = (
     "optimizer.learning_rate", "train.num_steps", "train.log_every",
     "train.checkpoint_every", "train.keep_checkpoints",
     "rl.iterations", "rl.prompts_per_family", "rl.max_new_tokens", "rl.updates",
-    "rl.eval_every", "rl.eval_prompts", "rl.misc_beta",
+    "rl.eval_every", "rl.eval_prompts", "rl.eval_samples", "rl.misc_beta",
 )
 
 _NON_NEGATIVE = (

@@ -29,6 +29,12 @@ no stored config.json).
 --mode=generate (ernie5_jax/generate/run.py) writes text continuations, caption->image PNGs
 (scored by the digit classifier) and text->audio WAVs of --checkpoint into --workdir, with
 decode tokens/s; config.generate sets the sampling (same config rules as --mode=eval).
+
+  python -m ernie5_jax.main --mode=rl --config=experiments/rl_digits.py --workdir=/tmp/rl
+
+--mode=rl (ernie5_jax/rl/train.py) runs RL post-training from config.train.init_from (an
+SFT checkpoint: experiments/sft_digits.py, trained by the default --mode=train); running it
+again resumes.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from ml_collections import config_flags
 
 from ernie5_jax import config as config_lib
 
-MODES = ("train", "eval", "export", "generate")
+MODES = ("train", "eval", "export", "generate", "rl")
 # config.trainer -> (the family's config module with validate(), its trainer module with
 # train_and_evaluate() and NonFiniteLossError); a config without `trainer` is "lm".
 FAMILIES = {"lm": ("ernie5_jax.config", "ernie5_jax.train.loop"),
@@ -210,10 +216,16 @@ def main(argv: list[str]) -> None:
   tf.config.set_visible_devices([], "GPU")
   logging.info("JAX %s, process %d of %d, devices: %s", jax.__version__, jax.process_index(),
                jax.process_count(), jax.devices())
+  run = trainer.train_and_evaluate
+  if FLAGS.mode == "rl":
+    if family != "lm":
+      sys.exit(f"error: --mode=rl trains the unified model: config.trainer={family!r} is not "
+               "accepted (expected 'lm' or absent)")
+    run = importlib.import_module("ernie5_jax.rl.train").train_rl
   try:
-    trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    run(FLAGS.config, FLAGS.workdir)
   except (checkpoint.WorkdirError, checkpoint.CheckpointMismatchError,
-          trainer.NonFiniteLossError) as e:
+          checkpoint.CheckpointNotFoundError, trainer.NonFiniteLossError) as e:
     # Errors the user fixes from the command line: one clear line, no traceback.
     sys.exit(f"error: {type(e).__name__}: {e}")
 

@@ -13,6 +13,14 @@ Elastic sub-models (model/elastic.py): `elastic=ElasticMasks` runs a sub-model o
 same parameters in the same compiled program: each layer is wrapped in a `lax.cond` on
 its layer_keep entry (a skipped layer is the identity and costs nothing, forward and
 backward), and each MoE layer masks experts and switches top-k (model/moe.py).
+
+Routing record / replay (RL post-training, issue 8): aux["expert_ids"] [L_moe, batch, seq,
+top_k] int32 holds the expert ids every MoE layer used (-1 in a layer an elastic sub-model
+skipped, and in slots beyond a smaller elastic top-k). `routing_replay=` of that shape
+makes each MoE layer route with the given ids (its slice is threaded through the layer
+scan); the combine weights are recomputed from the live router scores at those ids
+(model/router.py), so the router still gets gradients. Replaying a record of the same
+model and inputs reproduces the forward (bit-identical on one backend).
 """
 
 from __future__ import annotations
@@ -88,19 +96,22 @@ class Block(nnx.Module):
     self.moe = moe
     self.dtype = dtype
     self.num_experts = cfg.num_experts
+    self.top_k = cfg.top_k
 
   def __call__(self, x: jax.Array, angles: jax.Array, segment_ids: jax.Array,
                group_ids: jax.Array, *, expert_mask: jax.Array | None = None,
-               top_k_index: jax.Array | None = None, top_ks: tuple[int, ...] = ()
+               top_k_index: jax.Array | None = None, top_ks: tuple[int, ...] = (),
+               replay_ids: jax.Array | None = None
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """x [batch, seq, embed] -> (x [batch, seq, embed], router stats; {} when dense).
 
-    expert_mask / top_k_index / top_ks: the elastic routing of MoE blocks (MoE.__call__).
+    expert_mask / top_k_index / top_ks: the elastic routing of MoE blocks (MoE.__call__);
+    replay_ids [batch, seq, top_k] int32: the expert ids to route with (MoE.__call__).
     """
     x = x + self.attn(self.attn_norm(x), angles, segment_ids, group_ids)
     if self.moe:
       y, stats = self.ffn(self.ffn_norm(x), expert_mask=expert_mask, top_k_index=top_k_index,
-                          top_ks=top_ks)
+                          top_ks=top_ks, replay_ids=replay_ids)
     else:
       y, stats = self.ffn(self.ffn_norm(x)), {}
     # The residual stream's layout under an active mesh (sharding.py; no-op otherwise).
@@ -112,14 +123,16 @@ class Block(nnx.Module):
     if not self.moe:
       return x, {}
     zero = jnp.zeros((), jnp.float32)
+    batch, seq = x.shape[:2]
     return x, {"expert_load": jnp.zeros((self.num_experts,), jnp.float32),
-               "router_entropy": zero, "load_balance_loss": zero, "z_loss": zero}
+               "router_entropy": zero, "load_balance_loss": zero, "z_loss": zero,
+               "expert_ids": jnp.full((batch, seq, self.top_k), -1, jnp.int32)}
 
 
 def _apply_block(block: Block, x, angles, segment_ids, group_ids, expert_mask=None,
-                 top_k_index=None, *, top_ks=()):
+                 top_k_index=None, replay_ids=None, *, top_ks=()):
   return block(x, angles, segment_ids, group_ids, expert_mask=expert_mask,
-               top_k_index=top_k_index, top_ks=top_ks)
+               top_k_index=top_k_index, top_ks=top_ks, replay_ids=replay_ids)
 
 
 class BlockStack(nnx.Module):
@@ -141,11 +154,13 @@ class BlockStack(nnx.Module):
   def __call__(self, x: jax.Array, angles: jax.Array, segment_ids: jax.Array,
                group_ids: jax.Array, *, keep: jax.Array | None = None,
                expert_mask: jax.Array | None = None, top_k_index: jax.Array | None = None,
-               top_ks: tuple[int, ...] = ()) -> tuple[jax.Array, dict[str, jax.Array]]:
+               top_ks: tuple[int, ...] = (), replay: jax.Array | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """x [batch, seq, embed] -> (x, per-layer stats stacked on a leading [layers] axis).
 
     Elastic: keep [layers] bool runs layer i only where True (else the identity, under a
     lax.cond so that nothing is computed); expert_mask / top_k_index / top_ks: Block.
+    replay: [layers, batch, seq, top_k] int32 expert ids, layer i's slice to block i.
     """
     # graph_updates=False: blocks never mutate state in the forward pass, and the simple
     # (pytree) mode also works when the model is merged inside a raw jax.grad / jax.jit.
@@ -153,25 +168,23 @@ class BlockStack(nnx.Module):
     if self.remat:
       apply = nnx.remat(apply, graph_updates=False)
 
-    def layer(block, h, keep_i):
+    def layer(block, h, keep_i, replay_i):
       run = lambda h: apply(block, h, angles, segment_ids, group_ids, expert_mask,
-                            top_k_index)
+                            top_k_index, replay_i)
       return run(h) if keep_i is None else jax.lax.cond(keep_i, run, block.skipped, h)
 
     if self.scan:
-      if keep is None:
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0), graph_updates=False)
-        def body(h, block):
-          return layer(block, h, None)
-        return body(x, self.layers)
+      # The per-layer inputs scanned with the blocks (absent ones left out of the pytree).
+      xs = {name: v for name, v in (("keep", keep), ("replay", replay)) if v is not None}
 
       @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), graph_updates=False)
-      def masked_body(h, block, keep_i):
-        return layer(block, h, keep_i)
-      return masked_body(x, self.layers, keep)
+      def body(h, block, xs_i):
+        return layer(block, h, xs_i.get("keep"), xs_i.get("replay"))
+      return body(x, self.layers, xs)
     per_layer = []
     for i, block in enumerate(self.layers):
-      x, stats = layer(block, x, None if keep is None else keep[i])
+      x, stats = layer(block, x, None if keep is None else keep[i],
+                       None if replay is None else replay[i])
       per_layer.append(stats)
     return x, jax.tree.map(lambda *s: jnp.stack(s), *per_layer)
 
@@ -215,10 +228,11 @@ class Decoder(nnx.Module):
     self.rope_theta = float(cfg.rope_theta)
     self.num_experts = cfg.num_experts
     self.num_layers = cfg.num_layers
+    self.top_k = cfg.top_k
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                group_ids: jax.Array, audio_codes: jax.Array | None = None, *,
-               elastic: ElasticMasks | None = None
+               elastic: ElasticMasks | None = None, routing_replay: jax.Array | None = None
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Returns logits [batch, seq, vocab] float32 and the aux dict of the contract.
 
@@ -232,16 +246,23 @@ class Decoder(nnx.Module):
         embedding (audio understanding: one position per frame).
       elastic: the sub-model to run (model/elastic.py: masks_for / sample_masks); None runs
         the full model. A skipped MoE layer reports zero load and is left out of the means.
+      routing_replay: optional [L_moe, batch, seq, top_k] int32 expert ids to route with
+        (module docstring; a row with a negative id is routed live); aux["expert_ids"] of
+        the same shape are the ids used. Under elastic masks, layer l's branch of top-k k
+        reads slots ..k (a record of the same sub-model replays exactly).
     """
     hidden, aux = self.hidden_states(tokens, positions, segment_ids, group_ids, audio_codes,
-                                     elastic=elastic)
+                                     elastic=elastic, routing_replay=routing_replay)
     return self.logits(hidden), aux
 
   def hidden_states(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                     group_ids: jax.Array, audio_codes: jax.Array | None = None, *,
-                    elastic: ElasticMasks | None = None
+                    elastic: ElasticMasks | None = None,
+                    routing_replay: jax.Array | None = None
                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """__call__ before the head: (final normed hidden [batch, seq, embed], aux)."""
+    if routing_replay is not None:  # Before any tracing of the layers.
+      self._check_replay(routing_replay, tokens.shape)
     x = self.embed(tokens)  # [batch, seq, embed]
     if self.audio is not None and audio_codes is not None:
       x = x + self.audio.input_sum(audio_codes)
@@ -259,12 +280,14 @@ class Decoder(nnx.Module):
                                keep=None if keep is None else keep[:nd])
     if self.moe_layers is not None:
       x, stats = self.moe_layers(x, angles, segment_ids, group_ids,
-                                 keep=None if keep is None else keep[nd:], **(routing or {}))
+                                 keep=None if keep is None else keep[nd:], replay=routing_replay,
+                                 **(routing or {}))
     else:
       stats = {"expert_load": jnp.zeros((0, self.num_experts), jnp.float32),
                "router_entropy": jnp.zeros((0,), jnp.float32),
                "load_balance_loss": jnp.zeros((0,), jnp.float32),
-               "z_loss": jnp.zeros((0,), jnp.float32)}
+               "z_loss": jnp.zeros((0,), jnp.float32),
+               "expert_ids": jnp.zeros((0,) + tokens.shape + (self.top_k,), jnp.int32)}
     mean = lambda v: jnp.mean(v) if v.size else jnp.zeros((), jnp.float32)
     if keep is not None and self.moe_layers is not None:  # Over the MoE layers that ran.
       ran = keep[nd:].astype(jnp.float32)  # [moe_layers]
@@ -272,8 +295,21 @@ class Decoder(nnx.Module):
     aux = {"expert_load": stats["expert_load"],  # [moe_layers, experts]
            "router_entropy": stats["router_entropy"],  # [moe_layers]
            "load_balance_loss": mean(stats["load_balance_loss"]),
-           "z_loss": mean(stats["z_loss"])}
+           "z_loss": mean(stats["z_loss"]),
+           "expert_ids": stats["expert_ids"]}  # [moe_layers, batch, seq, top_k] int32
     return self.final_norm(x), aux
+
+  def _check_replay(self, routing_replay: jax.Array, token_shape: tuple[int, ...]) -> None:
+    """Raises ValueError unless routing_replay is [L_moe, batch, seq, top_k] integer ids."""
+    expected = (self.num_moe_layers,) + tuple(token_shape) + (self.top_k,)
+    if tuple(routing_replay.shape) != expected:
+      raise ValueError(
+          f"routing_replay.shape={tuple(routing_replay.shape)} is not accepted: expected "
+          f"{expected} (L_moe={self.num_moe_layers} MoE layers, batch, seq, "
+          f"top_k={self.top_k}); a record of another model or of other inputs?")
+    if not jnp.issubdtype(routing_replay.dtype, jnp.integer):
+      raise ValueError(f"routing_replay.dtype={routing_replay.dtype} is not accepted: "
+                       "expected integer expert ids (int32)")
 
   def _check_masks(self, masks: ElasticMasks) -> None:
     """Raises ValueError if masks were made for another model shape."""

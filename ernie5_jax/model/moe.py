@@ -10,11 +10,17 @@ the router logits are computed once, then `lax.switch` picks one branch per allo
 (static k each: routing + dispatch of tokens * k assignments), so a smaller k really runs
 fewer expert rows, and every k shares one compiled program. The masked experts' weights
 stay in the dispatch layout (their rows are empty); an exported sub-model drops them.
+
+Routing record / replay (RL, model/router.py): the per-layer statistics carry
+"expert_ids" [batch, seq, model top_k] int32, the ids used; a smaller elastic top-k k
+fills slots k.. with -1. `replay_ids` of that layout routes with the given ids (branch k
+of the elastic switch reads slots ..k; a row with a negative id there is routed live).
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
@@ -55,24 +61,34 @@ class MoE(nnx.Module):
     self.capacity_factor = cfg.capacity_factor
 
   def __call__(self, x: jax.Array, *, expert_mask: jax.Array | None = None,
-               top_k_index: jax.Array | None = None, top_ks: tuple[int, ...] = ()
+               top_k_index: jax.Array | None = None, top_ks: tuple[int, ...] = (),
+               replay_ids: jax.Array | None = None
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """x [batch, seq, embed] -> (y [batch, seq, embed], per-layer router statistics).
 
     Elastic (all optional): expert_mask [experts] bool; top_k_index [] int32 picks the top-k
     from the static ascending tuple top_ks (default: the router's top_k).
+    replay_ids: optional [batch, seq, router top_k] int32 expert ids to route with (module
+    docstring); the statistics' "expert_ids" [batch, seq, router top_k] are the ids used.
     """
     batch, seq, d_model = x.shape
+    full_k = self.router.top_k
+    if replay_ids is not None and replay_ids.shape != (batch, seq, full_k):
+      raise ValueError(f"replay_ids.shape={replay_ids.shape} is not accepted: expected "
+                       f"{(batch, seq, full_k)} (batch, seq, router top_k)")
     x = x.astype(self.dtype)
     x_flat = x.reshape(batch * seq, d_model)  # [tokens, embed]
     w = lambda p: p[...].astype(self.dtype)
+    replay_flat = None if replay_ids is None else replay_ids.reshape(batch * seq, full_k)
 
     def routed(logits: jax.Array, top_k: int) -> tuple[jax.Array, dict[str, jax.Array]]:
-      routing = self.router.route(logits, top_k, expert_mask)
+      replay = None if replay_flat is None else replay_flat[:, :top_k]
+      routing = self.router.route(logits, top_k, expert_mask, replay)
       y = expert_ffn(x_flat, routing.expert_ids, routing.combine_weights.astype(self.dtype),
                      w(self.experts.w_gate), w(self.experts.w_up), w(self.experts.w_down),
                      backend=self.backend, capacity_factor=self.capacity_factor)
-      return y, routing.stats()  # [tokens, embed]
+      ids = jnp.pad(routing.expert_ids, ((0, 0), (0, full_k - top_k)), constant_values=-1)
+      return y, dict(routing.stats(), expert_ids=ids)  # [tokens, embed], [tokens, full_k]
 
     logits = self.router.logits(x_flat, expert_mask)  # [tokens, experts]
     if top_k_index is None or len(top_ks) <= 1:
@@ -81,6 +97,7 @@ class MoE(nnx.Module):
       branches = [lambda lg, k=k: routed(lg, k) for k in top_ks]
       y, stats = jax.lax.switch(top_k_index, branches, logits)  # clamps the index
     y = y.reshape(batch, seq, d_model)  # [batch, seq, embed]
+    stats["expert_ids"] = stats["expert_ids"].reshape(batch, seq, full_k)
     if self.shared is not None:
       y = y + self.shared(x)
     return y.astype(self.dtype), stats

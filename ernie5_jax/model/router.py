@@ -10,6 +10,13 @@ Elastic width (ernie5_jax/model/elastic.py): an `expert_mask` gives the experts 
 it -inf logits, so their scores are 0, they are never selected and the statistics
 (load-balance loss, entropy) count only the active experts; `update_router_bias` with an
 `active` mask leaves the others' bias unchanged.
+
+Routing replay (rollout router replay, RL post-training; issue 8, after "R3", arXiv
+2510.11370): `route(..., replay_ids=)` uses given expert ids instead of its own top-k,
+and recomputes the combine weights from the live scores gathered at those ids, normalised
+exactly as for its own choice, so the router keeps its gradient. A token whose replay row
+holds a negative id (not recorded: a layer an elastic sub-model skipped, slots beyond a
+smaller top-k) is routed live.
 """
 
 from __future__ import annotations
@@ -165,9 +172,14 @@ class Router(nnx.Module):
       logits = jnp.where(expert_mask, logits, -jnp.inf)
     return logits
 
-  def route(self, logits: jax.Array, top_k: int, expert_mask: jax.Array | None = None
-            ) -> Routing:
-    """Top-k selection on score + bias from logits [tokens, experts] (static top_k)."""
+  def route(self, logits: jax.Array, top_k: int, expert_mask: jax.Array | None = None,
+            replay_ids: jax.Array | None = None) -> Routing:
+    """Top-k selection on score + bias from logits [tokens, experts] (static top_k).
+
+    replay_ids: optional [tokens, top_k] int32 ids to use instead (module docstring); rows
+    with a negative id keep the live choice. The combine weights are the live scores at
+    the ids used, renormalised over the top-k, either way.
+    """
     scores = router_scores(logits, self.score)
     key = scores + jax.lax.stop_gradient(self.bias[...])
     num_experts = None
@@ -175,8 +187,17 @@ class Router(nnx.Module):
       key = jnp.where(expert_mask, key, -jnp.inf)
       num_experts = jnp.sum(expert_mask)
     _, expert_ids = jax.lax.top_k(key, top_k)  # [tokens, top_k]
-    selected = jnp.take_along_axis(scores, expert_ids, axis=-1)
-    weights = selected / jnp.sum(selected, axis=-1, keepdims=True)  # [tokens, top_k]
+    if replay_ids is not None:
+      if replay_ids.shape != expert_ids.shape:
+        raise ValueError(f"replay_ids.shape={replay_ids.shape} is not accepted: expected "
+                         f"{expert_ids.shape} (tokens, top_k)")
+      recorded = jnp.all(replay_ids >= 0, axis=-1, keepdims=True)  # [tokens, 1]
+      expert_ids = jnp.where(recorded, replay_ids.astype(expert_ids.dtype), expert_ids)
+    selected = jnp.take_along_axis(scores, expert_ids, axis=-1)  # [tokens, top_k]
+    total = jnp.sum(selected, axis=-1, keepdims=True)
+    if replay_ids is not None:  # Replayed ids outside an expert mask can sum to 0: no NaN.
+      total = jnp.where(total > 0, total, 1.0)
+    weights = selected / total  # [tokens, top_k]
     probs = routing_probs(scores, self.score)
     load = expert_load(expert_ids, scores.shape[-1])
     return Routing(

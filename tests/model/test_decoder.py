@@ -66,7 +66,8 @@ def batch():
 def test_forward_shapes_and_aux(scanned, batch):
   logits, aux = forward(scanned, *batch)
   assert logits.shape == (BATCH, SEQ, 64) and logits.dtype == jnp.float32
-  assert set(aux) == {"expert_load", "router_entropy", "load_balance_loss", "z_loss"}
+  assert set(aux) == {"expert_load", "router_entropy", "load_balance_loss", "z_loss",
+                      "expert_ids"}
   assert aux["expert_load"].shape == (2, 4) and aux["router_entropy"].shape == (2,)
   assert aux["load_balance_loss"].shape == () and aux["z_loss"].shape == ()
   np.testing.assert_allclose(np.asarray(aux["expert_load"]).sum(-1), BATCH * SEQ * 2)
