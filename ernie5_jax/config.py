@@ -268,7 +268,7 @@ def default_config() -> ml_collections.ConfigDict:
   # WPSM (ERNIE 5.0): positive rollouts of a query solved above wpsm_tau (pass rate) with mean
   # token entropy below wpsm_eta get weight 1 - wpsm_a.
   rl.wpsm = True
-  rl.wpsm_tau = 0.75
+  rl.wpsm_tau = 0.6  # Below (G - 1) / G: a group of G = 4 with 3 passes counts as solved.
   rl.wpsm_eta = 0.3
   rl.wpsm_a = 0.5
   # Adaptive hints: prefix a fraction p0 * exp(-gamma * t * pass_rate) of the reference answer.
@@ -491,6 +491,12 @@ def _check_rl(config: ml_collections.ConfigDict) -> None:
       fail(f"rl.{name}", rl[name], "expected a value in [0, 1]")
   if not 0 < rl.top_p <= 1:
     fail("rl.top_p", rl.top_p, "expected 0 < top_p <= 1")
+  if rl.wpsm and isinstance(rl.group_size, int) and rl.wpsm_tau >= (
+      rl.group_size - 1) / rl.group_size:
+    fail("rl.wpsm_tau", rl.wpsm_tau,
+         f"expected < (group_size - 1) / group_size = {(rl.group_size - 1) / rl.group_size:.3g}"
+         ": WPSM needs a pass rate above tau and a rollout above its group's mean reward, so "
+         "a higher tau never applies")
 
 
 def _check_generate(config: ml_collections.ConfigDict) -> None:

@@ -21,16 +21,16 @@ _SFT = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "
 def get_config(arg: str = ""):
   """RL config; arg: "" | "token_clip" | "no_replay" (module docstring)."""
   config = _SFT["get_config"]("workdirs/sft")
-  config.rl.iterations = 60
+  config.rl.iterations = 100
   config.rl.prompts_per_family = 4
   config.rl.group_size = 4
   config.rl.updates = 2
-  config.rl.eval_every = 20
+  config.rl.eval_every = 25
   config.rl.eval_prompts = 20
   config.rl.eval_samples = 4
   config.train.log_every = 5
-  config.train.checkpoint_every = 20
-  config.optimizer.learning_rate = 5e-5
+  config.train.checkpoint_every = 25
+  config.optimizer.learning_rate = 2e-4
   config.optimizer.warmup_steps = 0
   config.optimizer.weight_decay = 0.0
   if arg == "token_clip":

@@ -130,6 +130,12 @@ def test_rl_config_errors_name_the_field():
                      r"expected an int >= 2"):
     config_lib.validate(config)
   config = config_lib.default_config()
+  config.rl.wpsm_tau = 0.75  # group_size 4: only 4 of 4 passes exceed it, and then no
+  with pytest.raises(config_lib.ConfigError,  # rollout is above its group's mean.
+                     match=r"config.rl.wpsm_tau=0.75 is not accepted: expected < "
+                     r"\(group_size - 1\) / group_size = 0.75"):
+    config_lib.validate(config)
+  config = config_lib.default_config()
   config.rl.misc_alpha = 1.5
   with pytest.raises(config_lib.ConfigError, match=r"misc_alpha < 1 < misc_beta"):
     config_lib.validate(config)
