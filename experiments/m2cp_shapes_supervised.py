@@ -3,8 +3,8 @@
   python -m ernie5_jax.main --config=experiments/m2cp_shapes_supervised.py:frac=0.02,seed=0 \
       --workdir=/tmp/sup
 
-Same arg as experiments/m2cp_shapes.py; the NT-Xent and M2CP weights are 0, so no
-unlabelled rows are read (loss.consistency_weight = loss.m2cp_weight = 0).
+Same arg as experiments/m2cp_shapes.py; every unlabelled loss has weight 0, so no
+unlabelled rows are read (loss.consistency_weight = m2cp_weight = pseudo_ce_weight = 0).
 """
 
 import os
@@ -19,4 +19,5 @@ def get_config(arg: str = ""):
   config = _M2CP["get_config"](arg)
   config.loss.consistency_weight = 0.0
   config.loss.m2cp_weight = 0.0
+  config.loss.pseudo_ce_weight = 0.0
   return config

@@ -1,9 +1,12 @@
 """M2CP input: the datasets in memory, the seeded labelled split, and grain pipelines.
 
 A train step reads one batch of labelled_batch_size + unlabelled_batch_size rows (the
-labelled rows first). Batch number s is a pure function of (config.seed, s), drawn in a
-grain MapDataset over step numbers, so the iterator state is one integer and a resumed
-run reads exactly the batches it would have read.
+labelled rows first), then, with data.strong_unlabelled, the same unlabelled objects
+again under the strong augmentation (augment.py): rows [labelled | weak | strong]
+(data.strong_labelled: the labelled rows are strongly augmented too). Batch number s is
+a pure function of (config.seed, s), drawn in a grain MapDataset over step numbers, so
+the iterator state is one integer and a resumed run reads exactly the batches it would
+have read.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import os
 import grain
 import ml_collections
 import numpy as np
+
+from ernie5_jax.m2cp import augment
 
 KEYS = ("points", "views", "centers", "normals", "corners", "neighbors", "label")
 
@@ -72,7 +77,7 @@ def _subsample_points(points: np.ndarray, num: int, rng: np.random.Generator) ->
 
 
 class TrainBatch:
-  """Step number -> batch dict: labelled rows then unlabelled rows, augmented points."""
+  """Step number -> batch dict: labelled rows, unlabelled rows, [strong unlabelled rows]."""
 
   def __init__(self, arrays: dict[str, np.ndarray], labelled: np.ndarray,
                cfg: ml_collections.ConfigDict, seed: int, with_unlabelled: bool):
@@ -92,6 +97,13 @@ class TrainBatch:
     batch = {k: self.arrays[k][rows] for k in KEYS}
     pts = _subsample_points(batch["points"], cfg.num_points, rng)
     batch["points"] = (pts + rng.normal(0, cfg.point_jitter, pts.shape)).astype(np.float32)
+    bl = cfg.labelled_batch_size
+    if cfg.strong_labelled:
+      labelled = augment.strong({k: v[:bl] for k, v in batch.items()}, rng, cfg)
+      batch = {k: np.concatenate([labelled[k], v[bl:]]) for k, v in batch.items()}
+    if self.with_unlabelled and cfg.strong_unlabelled:
+      strong = augment.strong({k: v[bl:] for k, v in batch.items()}, rng, cfg)
+      batch = {k: np.concatenate([v, strong[k]]) for k, v in batch.items()}
     return batch
 
 

@@ -4,9 +4,17 @@ total = ce_weight * sum_m CE(classifier(f_m), y)             labelled rows, m in
       + fused_ce_weight * CE(fused([f_point, f_view, f_mesh]), y)
       + consistency_weight * mean_{pairs a<b} NT-Xent(z_a, z_b)     unlabelled rows, T = 0.5
       + ramp(step) * m2cp_weight * M2CP
+      + ramp(step) * pseudo_ce_weight * (ce_weight * sum_m PCE(logits_m) + fused_ce_weight
+                                         * PCE(logits_fused))          unlabelled rows
 M2CP = mean over modalities and over labelled rows + confident unlabelled rows of
-CE(cos(f_m, P) / T_p, y or pseudo-label); pseudo-label = argmax of the fused classifier
-(no gradient), kept when its probability >= pseudo_label_threshold.
+CE(cos(f_m, P) / T_p, y or pseudo-label); pseudo-label = argmax of the fused classifier's
+softmax on the weakly augmented rows (no gradient; optionally distribution-aligned, see
+align_distribution), kept when its probability >= pseudo_label_threshold.
+PCE = FixMatch's unlabelled loss (Sohn et al., NeurIPS 2020, Eq. 4): the classifiers'
+CE to the same confident pseudo-labels, on the strongly augmented copies of the rows
+(data.strong_unlabelled), summed over confident rows / all unlabelled rows. For a
+single-modality classifier the fused prediction is also a cross-modal teacher
+(co-training, Blum & Mitchell 1998). NT-Xent and M2CP read the weak rows, as before.
 
 Prototypes P [C, embed]: an exponential moving average of unit-normalised class means of
 the (stop-gradient) unit-normalised features of all three modalities, over the rows
@@ -56,11 +64,41 @@ def prototype_logits(features: jax.Array, prototypes: jax.Array, temperature: fl
   return jnp.einsum("be,ce->bc", l2_normalize(features), l2_normalize(prototypes)) / temperature
 
 
-def pseudo_labels(fused_logits: jax.Array, threshold: float) -> tuple[jax.Array, jax.Array]:
-  """(argmax [B] int32, confident mask [B] float32: max softmax prob >= threshold); no grad."""
-  probs = jax.nn.softmax(jax.lax.stop_gradient(fused_logits), axis=-1)
+def mean_softmax(logits: jax.Array | list[jax.Array]) -> jax.Array:
+  """Softmax of logits [B, C], or the mean softmax of a list of them (an ensemble); no grad."""
+  logits = logits if isinstance(logits, list) else [logits]
+  return jnp.mean(jnp.stack([jax.nn.softmax(jax.lax.stop_gradient(l), axis=-1)
+                             for l in logits]), axis=0)  # [B, C]
+
+
+def align_distribution(probs: jax.Array, prior: jax.Array, running_mean: jax.Array
+                       ) -> jax.Array:
+  """ReMixMatch's distribution alignment (Berthelot et al., ICLR 2020, Sec. 3.2).
+
+  q = normalise(p * prior / running_mean): probs [B, C]; prior [C], the labelled class
+  marginal; running_mean [C], the moving average of the model's predictions on unlabelled
+  rows. Classes the model over-predicts are scaled down, under-predicted ones up.
+  """
+  q = probs * (prior / jnp.maximum(running_mean, 1e-6))[None, :]
+  return q / jnp.sum(q, axis=-1, keepdims=True)
+
+
+def confident_argmax(probs: jax.Array, threshold: float) -> tuple[jax.Array, jax.Array]:
+  """(argmax [B] int32, confident [B] float32: max prob >= threshold) of probs [B, C]."""
   return jnp.argmax(probs, -1).astype(jnp.int32), (jnp.max(probs, -1) >= threshold).astype(
       jnp.float32)
+
+
+def pseudo_labels(logits: jax.Array | list[jax.Array], threshold: float
+                  ) -> tuple[jax.Array, jax.Array]:
+  """confident_argmax of mean_softmax(logits): logits [B, C] or a list of them; no grad."""
+  return confident_argmax(mean_softmax(logits), threshold)
+
+
+def pseudo_label_ce(logits: jax.Array, pseudo: jax.Array, confident: jax.Array) -> jax.Array:
+  """FixMatch Eq. 4: sum_b confident_b CE(logits_b, pseudo_b) / B; logits [B, C], others [B]."""
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, pseudo)  # [B]
+  return jnp.mean(ce * confident)
 
 
 def m2cp_loss(features: list[jax.Array], prototypes: jax.Array, labels: jax.Array,
@@ -77,6 +115,12 @@ def rampup(step: jax.Array, rampup_steps: int) -> jax.Array:
     return jnp.ones((), jnp.float32)
   t = jnp.clip(step.astype(jnp.float32) / rampup_steps, 0.0, 1.0)
   return jnp.exp(-5.0 * (1.0 - t) ** 2)
+
+
+def update_running_mean(running_mean: jax.Array, probs: jax.Array, momentum: float
+                        ) -> jax.Array:
+  """EMA of the batch-mean prediction: running_mean [C], probs [B, C] -> [C]."""
+  return momentum * running_mean + (1 - momentum) * jnp.mean(probs, axis=0)
 
 
 def update_prototypes(prototypes: jax.Array, features: list[jax.Array], labels: jax.Array,

@@ -1,6 +1,6 @@
 """The M2CP trainer: one linear function cut into labelled sections (as ernie5_jax/train/loop.py).
 
-Reuses the LM family's TrainState (params + non-trainable rest, here the prototypes),
+Reuses the LM family's TrainState (params + non-trainable rest: prototypes, prediction mean),
 orbax checkpoint module (model / optimizer / step / grain iterator state), clu writers
 and progress reporting. Metrics are fetched every train.log_every steps and before each
 checkpoint; a non-finite loss or parameter stops the run before it is saved.
@@ -61,9 +61,19 @@ def create_state(config, view_size: int, tx, *, abstract: bool):
   return graphdef, jax.jit(lambda: _new_state(make(), tx))()
 
 
-def make_train_step(config, graphdef, tx, schedule, *, with_unlabelled: bool):
-  """Returns the jitted step (state, batch) -> (state, metrics); batch rows: labelled first."""
-  lo, bl = config.loss, config.data.labelled_batch_size
+def make_train_step(config, graphdef, tx, schedule, *, with_unlabelled: bool,
+                    label_prior: np.ndarray | None = None):
+  """Returns the jitted step (state, batch) -> (state, metrics); rows as data.TrainBatch.
+
+  label_prior [C]: the labelled class marginal, for loss.distribution_alignment (None:
+  uniform).
+  """
+  num_classes = config.model.num_classes
+  prior = jnp.asarray(label_prior if label_prior is not None else
+                      np.full(num_classes, 1 / num_classes), jnp.float32)  # [C]
+  lo, bl, bu = config.loss, config.data.labelled_batch_size, config.data.unlabelled_batch_size
+  # Rows the pseudo-label CE reads: the strongly augmented copies if present (FixMatch).
+  strong = slice(bl + bu, bl + 2 * bu) if config.data.strong_unlabelled else slice(bl, bl + bu)
 
   def loss_fn(params, rest, batch, step):
     out = nnx.merge(graphdef, params, rest)(batch)
@@ -74,26 +84,38 @@ def make_train_step(config, graphdef, tx, schedule, *, with_unlabelled: bool):
     metrics["train_accuracy/fused"] = jnp.mean(jnp.argmax(out["logits/fused"][:bl], -1) == y)
     proto_args = None
     if with_unlabelled:
-      proj = {m: out[f"proj/{m}"][bl:] for m in MODALITIES}  # [B_u, proj]
+      proj = {m: out[f"proj/{m}"][bl:bl + bu] for m in MODALITIES}  # [B_u, proj]
       pairs = [(a, b) for i, a in enumerate(MODALITIES) for b in MODALITIES[i + 1:]]
       cons = jnp.mean(jnp.stack([losses.nt_xent(proj[a], proj[b], lo.consistency_temperature)
                                  for a, b in pairs]))
-      pseudo, confident = losses.pseudo_labels(out["logits/fused"][bl:],
-                                               lo.pseudo_label_threshold)
+      heads = ["fused", *MODALITIES] if lo.pseudo_label_source == "ensemble" else ["fused"]
+      probs = losses.mean_softmax([out[f"logits/{h}"][bl:bl + bu] for h in heads])  # [B_u, C]
+      if lo.distribution_alignment:
+        pseudo_probs = losses.align_distribution(probs, prior, rest["prediction_mean"].value)
+      else:
+        pseudo_probs = probs
+      pseudo, confident = losses.confident_argmax(pseudo_probs, lo.pseudo_label_threshold)
       targets = jnp.concatenate([y, pseudo])  # [B]
       weights = jnp.concatenate([jnp.ones((bl,), jnp.float32), confident])  # [B]
-      feats = [out[f"feat/{m}"] for m in MODALITIES]
+      feats = [out[f"feat/{m}"][:bl + bu] for m in MODALITIES]  # [B_l + B_u, embed]
       m2cp = losses.m2cp_loss(feats, rest["prototypes"].value, targets, weights,
                               lo.m2cp_temperature)
       ramp = losses.rampup(step, lo.rampup_steps)
-      total = total + lo.consistency_weight * cons + ramp * lo.m2cp_weight * m2cp
-      true_u = batch["label"][bl:]  # Monitoring only: never enters a loss.
+      pce = {m: losses.pseudo_label_ce(out[f"logits/{m}"][strong], pseudo, confident)
+             for m in (*MODALITIES, "fused")}
+      pseudo_ce = lo.ce_weight * sum(pce[m] for m in MODALITIES) + lo.fused_ce_weight * pce[
+          "fused"]
+      total = total + lo.consistency_weight * cons + ramp * (
+          lo.m2cp_weight * m2cp + lo.pseudo_ce_weight * pseudo_ce)
+      true_u = batch["label"][bl:bl + bu]  # Monitoring only: never enters a loss.
       metrics.update({
-          "nt_xent": cons, "m2cp": m2cp, "m2cp_ramp": ramp,
+          "nt_xent": cons, "m2cp": m2cp, "m2cp_ramp": ramp, "pseudo/ce": pseudo_ce,
           "pseudo/fraction": jnp.mean(confident),
+          # num_classes x the largest class share of the moving-average prediction (1: even).
+          "pseudo/max_class_share": num_classes * jnp.max(rest["prediction_mean"].value),
           "pseudo/accuracy": jnp.sum((pseudo == true_u) * confident) / jnp.maximum(
               jnp.sum(confident), 1.0)})
-      proto_args = ([jax.lax.stop_gradient(f) for f in feats], targets, weights)
+      proto_args = ([jax.lax.stop_gradient(f) for f in feats], targets, weights, probs)
     metrics["loss"] = total
     return total, (metrics, proto_args)
 
@@ -106,8 +128,11 @@ def make_train_step(config, graphdef, tx, schedule, *, with_unlabelled: bool):
     rest = state.rest
     if proto_args is not None:
       model = nnx.merge(graphdef, params, rest)
+      *proto_args, probs = proto_args
       model.prototypes.value = losses.update_prototypes(
           model.prototypes.value, *proto_args, lo.prototype_momentum)
+      model.prediction_mean.value = losses.update_running_mean(
+          model.prediction_mean.value, probs, lo.alignment_momentum)
       _, _, rest = nnx.split(model, nnx.Param, ...)
     metrics["learning_rate"] = schedule(state.step)
     metrics["params_finite"] = jnp.all(jnp.stack(
@@ -205,7 +230,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     return state
 
   # --- step ----------------------------------------------------------------
-  train_step = make_train_step(config, graphdef, tx, schedule, with_unlabelled=with_unlabelled)
+  label_prior = np.bincount(train["label"][labelled], minlength=config.model.num_classes)
+  train_step = make_train_step(config, graphdef, tx, schedule, with_unlabelled=with_unlabelled,
+                               label_prior=label_prior / label_prior.sum())
   eval_fn = make_eval_fn(graphdef)
 
   # --- loop ----------------------------------------------------------------

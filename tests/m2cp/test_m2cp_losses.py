@@ -78,3 +78,43 @@ def test_update_prototypes_ema_of_class_means():
   # Class 1: mean direction (1, 0); 0.5 (0, 1) + 0.5 (1, 0) normalised.
   np.testing.assert_allclose(got[1], [np.sqrt(0.5), np.sqrt(0.5)], rtol=1e-5)
   np.testing.assert_allclose(got[2], [0.6, 0.8], rtol=1e-6)  # Absent class: unchanged.
+
+
+def test_pseudo_label_ce_matches_fixmatch_formula():
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(6, 4))
+  pseudo = np.array([0, 3, 1, 1, 2, 0])
+  confident = np.array([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+  # FixMatch Eq. 4: (1 / B) sum_b 1[max q_b >= tau] H(q_hat_b, p_b), B = all rows.
+  naive = sum(c * -(l[p] - np.log(np.sum(np.exp(l)))) for l, p, c in
+              zip(logits, pseudo, confident)) / len(logits)
+  got = losses.pseudo_label_ce(jnp.asarray(logits), jnp.asarray(pseudo), jnp.asarray(confident))
+  np.testing.assert_allclose(got, naive, rtol=1e-5)
+  assert float(losses.pseudo_label_ce(jnp.asarray(logits), jnp.asarray(pseudo),
+                                      jnp.zeros(6))) == 0.0
+
+
+def test_align_distribution_matches_remixmatch_formula():
+  rng = np.random.default_rng(2)
+  probs = rng.dirichlet(np.ones(4), size=5)  # [B, C]
+  prior = np.full(4, 0.25)
+  running = np.array([0.4, 0.1, 0.25, 0.25])  # Class 0 over-predicted, class 1 under.
+  naive = np.array([[p[c] * prior[c] / running[c] for c in range(4)] for p in probs])
+  naive /= naive.sum(1, keepdims=True)
+  got = np.asarray(losses.align_distribution(jnp.asarray(probs), jnp.asarray(prior),
+                                             jnp.asarray(running)))
+  np.testing.assert_allclose(got, naive, rtol=1e-5)
+  assert (got[:, 0] < probs[:, 0]).all() and (got[:, 1] > probs[:, 1]).all()
+  same = losses.align_distribution(jnp.asarray(probs), jnp.asarray(prior), jnp.asarray(prior))
+  np.testing.assert_allclose(same, probs, rtol=1e-5)  # A calibrated model is left as is.
+
+
+def test_update_running_mean_and_ensemble_pseudo_labels():
+  probs = jnp.array([[0.7, 0.3], [0.1, 0.9]])
+  np.testing.assert_allclose(losses.update_running_mean(jnp.array([0.5, 0.5]), probs, 0.9),
+                             [0.9 * 0.5 + 0.1 * 0.4, 0.9 * 0.5 + 0.1 * 0.6], rtol=1e-6)
+  a = jnp.log(jnp.array([[0.98, 0.02], [0.6, 0.4]]))
+  b = jnp.log(jnp.array([[0.96, 0.04], [0.2, 0.8]]))
+  labels, mask = losses.pseudo_labels([a, b], 0.95)  # Means: (0.97, 0.03), (0.4, 0.6).
+  np.testing.assert_array_equal(labels, [0, 1])
+  np.testing.assert_array_equal(mask, [1, 0])
