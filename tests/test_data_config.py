@@ -39,7 +39,7 @@ def test_tiny_trains_on_the_embedded_data_and_agrees_with_its_vocabulary():
      r"\('posterior', 'uniform'\)"),
     ("objective.loss_ema_decay", 1.0, r"config.objective.loss_ema_decay=1.0 is not accepted"),
     ("data.source", "imagenet", r"config.data.source='imagenet' is not accepted: expected one "
-                                r"of \('synthetic', 'digits_multimodal'\), 'tfds:NAME"),
+                                r"of \('synthetic', 'digits_multimodal', 'digits_sft'\), 'tfds:NAME"),
     ("data.image_scales", (2, 4), r"config.data.image_scales=\(2, 4\) is not accepted: expected "
                                   r"a prefix of the image tokenizer's scales \(1, 2, 4, 8\)"),
 ])

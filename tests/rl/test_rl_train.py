@@ -30,7 +30,7 @@ def _config(tmp_path_factory, iterations):
   # decode steps serves every rollout.
   cfg.rl.update(families=("image_digit",), iterations=iterations, prompts_per_family=2,
                 group_size=2, max_new_tokens=2, updates=1, eval_every=2, eval_prompts=2,
-                eval_samples=2, rollout_dtype="bfloat16")
+                eval_samples=2, rollout_dtype="bfloat16", wpsm_tau=0.4)  # < (G - 1) / G
   cfg.train.update(log_every=1, checkpoint_every=1)
   cfg.optimizer.update(learning_rate=1e-2, warmup_steps=0)
   config_lib.validate(cfg)
