@@ -34,10 +34,10 @@ def summarize(metrics: dict[int, dict[str, float]]) -> dict:
     values = [metrics[i][key] for i in steps if key in metrics[i]]
     return float(np.mean(values)) if values else None
 
-  kl_replay = mean_of("rl/mismatch_kl") if mean_of("rl/mismatch_kl_live") is not None else (
-      mean_of("rl/mismatch_kl_replay"))
-  kl_live = mean_of("rl/mismatch_kl_live") if mean_of("rl/mismatch_kl_live") is not None else (
-      mean_of("rl/mismatch_kl"))
+  # rl/mismatch_kl is the run's own routing; rl/mismatch_kl_<other> the other choice.
+  own, live = mean_of("rl/mismatch_kl"), mean_of("rl/mismatch_kl_live")
+  kl_replay, kl_live = (own, live) if live is not None else (mean_of("rl/mismatch_kl_replay"),
+                                                             own)
   return {
       "heldout_start_iteration": first, "heldout_end_iteration": last,
       "heldout_start": {f: held[first][f"heldout/reward/{f}"] for f in families},

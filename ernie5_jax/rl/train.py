@@ -38,13 +38,13 @@ import dataclasses
 import functools
 import json
 import math
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers
@@ -87,15 +87,11 @@ class RLState:
 # --- checkpoints ----------------------------------------------------------------------------
 def create_manager(workdir: str, *, keep: int) -> ocp.CheckpointManager:
   """CheckpointManager on <workdir>/checkpoints: model, optimizer, step and the RL state."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                         enable_async_checkpointing=False,
-                                         cleanup_tmp_directories=True)
-  directory = epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
-  return ocp.CheckpointManager(
-      directory / checkpoint.CHECKPOINT_SUBDIR, options=options,
-      item_handlers={"model": ocp.StandardCheckpointHandler(),
-                     "optimizer": ocp.StandardCheckpointHandler(),
-                     "step": ocp.JsonCheckpointHandler(), "rl": ocp.JsonCheckpointHandler()})
+  return checkpoint.create_manager(
+      workdir, keep=keep, async_save=False,
+      handlers={"model": ocp.StandardCheckpointHandler(),
+                "optimizer": ocp.StandardCheckpointHandler(),
+                "step": ocp.JsonCheckpointHandler(), "rl": ocp.JsonCheckpointHandler()})
 
 
 def save(manager: ocp.CheckpointManager, state: TrainState, rl_state: RLState) -> None:
@@ -154,14 +150,10 @@ def _update(state: TrainState, fields: dict, replay_ids, batch: dict, *, graphde
     return _loss(params, state.rest, fields, replay_ids, batch, graphdef=graphdef, rl=rl)
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = jax.tree.map(lambda p, u: p + u, state.params, updates)
-  out = {"rl/loss": loss, "rl/grad_norm": _global_norm(grads),
+  params = optax.apply_updates(state.params, updates)
+  out = {"rl/loss": loss, "rl/grad_norm": optax.global_norm(grads),
          "rl/clip_fraction": metrics["clip_fraction"]}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out
-
-
-def _global_norm(tree) -> jax.Array:
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
 # Jitted (forward, update) per (graph, config): a resumed run in the same process reuses them.
@@ -300,13 +292,6 @@ def read_metrics(workdir: str) -> dict[int, dict[str, float]]:
   return dict(sorted(out.items()))
 
 
-def _schedule_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """config with train.num_steps = the RL run's optimizer steps (for the LR schedule)."""
-  c = ml_collections.ConfigDict(config.to_dict())
-  c.train.num_steps = config.rl.iterations * config.rl.updates
-  return c
-
-
 def train_rl(config: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, RLState]:
   """Runs (or resumes) RL post-training of config in workdir; module docstring."""
   config_lib.validate(config)
@@ -317,7 +302,7 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str) -> tuple[TrainStat
   checkpoint.save_config(config, workdir)
   writer = metric_writers.create_default_writer(workdir)
 
-  tx, _ = optimizer.create_optimizer(_schedule_config(config))
+  tx, _ = optimizer.create_optimizer(config, num_steps=rl.iterations * rl.updates)
   graphdef, abstract = state_lib.abstract_train_state(config, tx)
   manager = create_manager(workdir, keep=t.keep_checkpoints)
   restored = restore(manager, abstract)

@@ -69,8 +69,12 @@ def _handlers() -> dict[str, Any]:
           "data": grain.checkpoint.CheckpointHandler()}
 
 
-def create_manager(workdir: str, *, keep: int, async_save: bool) -> ocp.CheckpointManager:
-  """Returns a CheckpointManager on <workdir>/checkpoints keeping the last `keep` steps."""
+def create_manager(workdir: str, *, keep: int, async_save: bool,
+                   handlers: dict[str, Any] | None = None) -> ocp.CheckpointManager:
+  """Returns a CheckpointManager on <workdir>/checkpoints keeping the last `keep` steps.
+
+  handlers: its items (default: model, optimizer, step, data: what `save` writes).
+  """
   # cleanup_tmp_directories: drop the half-written step of a killed run on restart.
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                          create=True, cleanup_tmp_directories=True)
@@ -79,7 +83,7 @@ def create_manager(workdir: str, *, keep: int, async_save: bool) -> ocp.Checkpoi
   if "://" not in workdir:  # Local paths; gs:// and the like are already absolute.
     directory = epath.Path(os.path.abspath(workdir))
   return ocp.CheckpointManager(directory / CHECKPOINT_SUBDIR, options=options,
-                               item_handlers=_handlers())
+                               item_handlers=_handlers() if handlers is None else handlers)
 
 
 def save(manager: ocp.CheckpointManager, state: TrainState,

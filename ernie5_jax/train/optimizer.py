@@ -37,11 +37,15 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(wants_decay, params)
 
 
-def create_optimizer(config: ml_collections.ConfigDict) -> tuple[
-    optax.GradientTransformation, optax.Schedule]:
-  """Returns (clip -> AdamW transformation, learning-rate schedule) for config.optimizer."""
+def create_optimizer(config: ml_collections.ConfigDict, *, num_steps: int | None = None
+                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Returns (clip -> AdamW transformation, learning-rate schedule) for config.optimizer.
+
+  num_steps: the schedule's length in optimizer steps (default config.train.num_steps).
+  """
   o = config.optimizer
-  schedule = wsd_schedule(peak=o.learning_rate, num_steps=config.train.num_steps,
+  num_steps = config.train.num_steps if num_steps is None else num_steps
+  schedule = wsd_schedule(peak=o.learning_rate, num_steps=num_steps,
                           warmup_steps=o.warmup_steps, decay_fraction=o.decay_fraction,
                           min_lr_ratio=o.min_lr_ratio)
   adamw = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,

@@ -3,20 +3,11 @@
 import numpy as np
 import pytest
 
-from ernie5_jax import config as config_lib
 from ernie5_jax.rl import sft, tasks
 
 SEQ, BATCH = 96, 3
 KEYS = ("tokens", "targets", "loss_mask", "modality", "positions", "segment_ids", "group_ids",
         "audio_codes", "audio_targets")  # What input_pipeline/multimodal.py yields.
-
-
-@pytest.fixture(scope="module")
-def config(tmp_path_factory):
-  cfg = config_lib.default_config()
-  cfg.data.dataset = "digits_multimodal/tiny"
-  cfg.data.data_dir = str(tmp_path_factory.getbasetemp() / "shared_data")
-  return cfg
 
 
 @pytest.fixture(scope="module")

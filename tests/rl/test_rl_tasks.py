@@ -3,20 +3,11 @@
 import numpy as np
 import pytest
 
-from ernie5_jax import config as config_lib
 from ernie5_jax.input_pipeline import sequence as S
 from ernie5_jax.rl import tasks
 
 NUM = 4
 _INPUTS = ("tokens", "positions", "group_ids")
-
-
-@pytest.fixture(scope="module")
-def config(tmp_path_factory):
-  cfg = config_lib.default_config()
-  cfg.data.dataset = "digits_multimodal/tiny"  # 200 train / 50 test digits.
-  cfg.data.data_dir = str(tmp_path_factory.getbasetemp() / "shared_data")
-  return cfg
 
 
 @pytest.fixture(scope="module")

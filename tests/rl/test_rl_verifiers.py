@@ -3,18 +3,9 @@
 import numpy as np
 import pytest
 
-from ernie5_jax import config as config_lib
 from ernie5_jax.rl import tasks, verifiers
 
 TEXT_FAMILIES = tuple(f for f in tasks.TASK_FAMILIES if f != "caption_image")
-
-
-@pytest.fixture(scope="module")
-def config(tmp_path_factory):
-  cfg = config_lib.default_config()
-  cfg.data.dataset = "digits_multimodal/tiny"
-  cfg.data.data_dir = str(tmp_path_factory.getbasetemp() / "shared_data")
-  return cfg
 
 
 @pytest.fixture(scope="module")
