@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from ernie5_jax import config as config_lib
-from ernie5_jax.model import Decoder, apply_variant
+from ernie5_jax.model import apply_variant
 from ernie5_jax.model import elastic as elastic_lib
 from ernie5_jax.model.moe import MoE
 from ernie5_jax.model.rope import text_positions
@@ -27,24 +27,14 @@ def _config():
   return cfg
 
 
-def _build(cfg) -> Decoder:
-  """A Decoder with numpy-drawn parameters (no init compile); router bias zeros."""
-  abstract = nnx.eval_shape(lambda: Decoder(cfg.model, rngs=nnx.Rngs(0)))
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda s: jnp.asarray(0.1 * rng.normal(size=s.shape), s.dtype), params)
-  rest = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), rest)
-  return nnx.merge(graphdef, params, rest)
-
-
 @pytest.fixture(scope="module")
 def cfg():
   return _config()
 
 
 @pytest.fixture(scope="module")
-def model(cfg):
-  return _build(cfg)
+def model(cfg, numpy_decoder):
+  return numpy_decoder(cfg.model)
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from ernie5_jax import config as config_lib
 from ernie5_jax.generate import tasks as gen_tasks
 from ernie5_jax.generate.sampling import Sampling
 from ernie5_jax.input_pipeline import sequence as seq_lib
-from ernie5_jax.model import Decoder, apply_variant
+from ernie5_jax.model import apply_variant
 from ernie5_jax.model import elastic as elastic_lib
 from ernie5_jax.rl import rollout as rollout_lib
 from ernie5_jax.rl.tasks import PromptBatch
@@ -27,20 +26,15 @@ G, MAX_NEW, PROMPT_LEN = 2, 5, 6
 SAMPLING = Sampling(temperature=1.0)
 
 
-def _model() -> Decoder:
-  """The tiny variant (2 MoE layers, 8 experts, top-2) on LAYOUT, numpy-drawn parameters."""
+def _model_config():
+  """The tiny variant (2 MoE layers, 8 experts, top-2) on LAYOUT."""
   cfg = config_lib.default_config()
   apply_variant(cfg.model, "tiny")
   cfg.model.update(vocab_size=LAYOUT.vocab_size, audio_levels=LAYOUT.audio_levels,
                    audio_codebook_size=LAYOUT.audio_codebook_size, audio_head_hidden=16)
   cfg.objective.audio_level_weights = (1.0,) * (LAYOUT.audio_levels - 1)
   config_lib.validate(cfg)
-  abstract = nnx.eval_shape(lambda: Decoder(cfg.model, rngs=nnx.Rngs(0)))
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda s: jnp.asarray(0.1 * rng.normal(size=s.shape), s.dtype), params)
-  rest = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), rest)
-  return nnx.merge(graphdef, params, rest)
+  return cfg.model
 
 
 def _prompts(kind: str) -> PromptBatch:
@@ -58,8 +52,8 @@ def _prompts(kind: str) -> PromptBatch:
 
 
 @pytest.fixture(scope="module")
-def model():
-  return _model()
+def model(numpy_decoder):
+  return numpy_decoder(_model_config())
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,25 @@
+"""Fixtures shared by more than one test folder."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ernie5_jax.model import Decoder
+
+
+def _numpy_decoder(model_config, seed: int = 0, scale: float = 0.1) -> Decoder:
+  """A Decoder with N(0, scale^2) numpy-drawn parameters (no init compile); buffers zero."""
+  abstract = nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0)))
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  rng = np.random.default_rng(seed)
+  params = jax.tree.map(lambda s: jnp.asarray(scale * rng.normal(size=s.shape), s.dtype), params)
+  rest = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), rest)  # e.g. router bias
+  return nnx.merge(graphdef, params, rest)
+
+
+@pytest.fixture(scope="session")
+def numpy_decoder():
+  """The factory (model_config, seed=0, scale=0.1) -> Decoder with numpy-drawn parameters."""
+  return _numpy_decoder
