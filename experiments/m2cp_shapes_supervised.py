@@ -4,7 +4,8 @@
       --workdir=/tmp/sup
 
 Same arg as experiments/m2cp_shapes.py; every unlabelled loss has weight 0, so no
-unlabelled rows are read (loss.consistency_weight = m2cp_weight = pseudo_ce_weight = 0).
+unlabelled rows are read (loss.consistency_weight = m2cp_weight = pseudo_ce_weight =
+class_balance_weight = 0).
 """
 
 import os
@@ -20,4 +21,5 @@ def get_config(arg: str = ""):
   config.loss.consistency_weight = 0.0
   config.loss.m2cp_weight = 0.0
   config.loss.pseudo_ce_weight = 0.0
+  config.loss.class_balance_weight = 0.0
   return config

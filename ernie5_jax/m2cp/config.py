@@ -90,6 +90,11 @@ def default_config() -> ml_collections.ConfigDict:
   # Max weight (same ramp) of the classifiers' CE to the confident fused pseudo-labels on
   # unlabelled rows (FixMatch's unlabelled loss; split as ce_weight / fused_ce_weight).
   lo.pseudo_ce_weight = 1.0
+  # Class balance (Tanaka et al., CVPR 2018, Eq. 6): KL(labelled class prior || the batch's
+  # mean prediction on the unlabelled rows), averaged over the four classifiers. Without it
+  # the confident pseudo-labels let one class absorb a similar one (2% labels, seed 2: one
+  # class took 2.3x its share, fused accuracy 75.8%; with it 1.3x and 82.8%).
+  lo.class_balance_weight = 1.0
 
   # --- optimizer ----------------------------------------------------------------
   o = c.optimizer = ml_collections.ConfigDict()
@@ -122,7 +127,7 @@ _POSITIVE = ("data.labelled_batch_size", "data.unlabelled_batch_size", "data.num
 _NON_NEGATIVE = ("data.point_jitter", "data.strong_jitter", "data.view_shift",
                  "data.view_cutout", "model.mesh_conv_layers", "loss.ce_weight",
                  "loss.fused_ce_weight", "loss.consistency_weight", "loss.m2cp_weight",
-                 "loss.pseudo_ce_weight",
+                 "loss.pseudo_ce_weight", "loss.class_balance_weight",
                  "loss.rampup_steps", "optimizer.warmup_steps", "optimizer.weight_decay",
                  "optimizer.grad_clip")
 
@@ -181,4 +186,5 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def uses_unlabelled(config: ml_collections.ConfigDict) -> bool:
   """Whether any loss reads the unlabelled rows (False: the supervised-only baseline)."""
   lo = config.loss
-  return lo.consistency_weight > 0 or lo.m2cp_weight > 0 or lo.pseudo_ce_weight > 0
+  return (lo.consistency_weight > 0 or lo.m2cp_weight > 0 or lo.pseudo_ce_weight > 0
+          or lo.class_balance_weight > 0)

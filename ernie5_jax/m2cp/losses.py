@@ -3,6 +3,8 @@
 total = ce_weight * sum_m CE(classifier(f_m), y)             labelled rows, m in 3 modalities
       + fused_ce_weight * CE(fused([f_point, f_view, f_mesh]), y)
       + consistency_weight * mean_{pairs a<b} NT-Xent(z_a, z_b)     unlabelled rows, T = 0.5
+      + class_balance_weight * mean_h KL(prior || mean_b softmax(logits_h))   unlabelled rows,
+                                                       h in the 3 classifiers + fused
       + ramp(step) * m2cp_weight * M2CP
       + ramp(step) * pseudo_ce_weight * (ce_weight * sum_m PCE(logits_m) + fused_ce_weight
                                          * PCE(logits_fused))          unlabelled rows
@@ -93,6 +95,16 @@ def pseudo_labels(logits: jax.Array | list[jax.Array], threshold: float
                   ) -> tuple[jax.Array, jax.Array]:
   """confident_argmax of mean_softmax(logits): logits [B, C] or a list of them; no grad."""
   return confident_argmax(mean_softmax(logits), threshold)
+
+
+def class_balance(logits: jax.Array, prior: jax.Array) -> jax.Array:
+  """KL(prior || mean_b softmax(logits_b)) (Tanaka et al., CVPR 2018, Eq. 6): logits [B, C].
+
+  Zero when the batch's mean prediction equals the class prior [C]; grows as one class
+  absorbs others' rows.
+  """
+  mean = jnp.mean(jax.nn.softmax(logits, axis=-1), axis=0)  # [C]
+  return jnp.sum(prior * (jnp.log(jnp.maximum(prior, 1e-12)) - jnp.log(mean + 1e-12)))
 
 
 def pseudo_label_ce(logits: jax.Array, pseudo: jax.Array, confident: jax.Array) -> jax.Array:

@@ -105,11 +105,15 @@ def make_train_step(config, graphdef, tx, schedule, *, with_unlabelled: bool,
              for m in (*MODALITIES, "fused")}
       pseudo_ce = lo.ce_weight * sum(pce[m] for m in MODALITIES) + lo.fused_ce_weight * pce[
           "fused"]
-      total = total + lo.consistency_weight * cons + ramp * (
-          lo.m2cp_weight * m2cp + lo.pseudo_ce_weight * pseudo_ce)
+      balance = jnp.mean(jnp.stack([
+          losses.class_balance(out[f"logits/{m}"][bl:bl + bu], prior)
+          for m in (*MODALITIES, "fused")]))
+      total = (total + lo.consistency_weight * cons + lo.class_balance_weight * balance
+               + ramp * (lo.m2cp_weight * m2cp + lo.pseudo_ce_weight * pseudo_ce))
       true_u = batch["label"][bl:bl + bu]  # Monitoring only: never enters a loss.
       metrics.update({
           "nt_xent": cons, "m2cp": m2cp, "m2cp_ramp": ramp, "pseudo/ce": pseudo_ce,
+          "class_balance": balance,
           "pseudo/fraction": jnp.mean(confident),
           # num_classes x the largest class share of the moving-average prediction (1: even).
           "pseudo/max_class_share": num_classes * jnp.max(rest["prediction_mean"].value),

@@ -118,3 +118,20 @@ def test_update_running_mean_and_ensemble_pseudo_labels():
   labels, mask = losses.pseudo_labels([a, b], 0.95)  # Means: (0.97, 0.03), (0.4, 0.6).
   np.testing.assert_array_equal(labels, [0, 1])
   np.testing.assert_array_equal(mask, [1, 0])
+
+
+def test_class_balance_is_kl_of_prior_to_mean_prediction():
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(5, 4))
+  prior = np.array([0.1, 0.2, 0.3, 0.4])
+  probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+  mean = probs.mean(0)
+  naive = sum(p * np.log(p / q) for p, q in zip(prior, mean))  # KL(prior || mean)
+  got = losses.class_balance(jnp.asarray(logits), jnp.asarray(prior))
+  np.testing.assert_allclose(got, naive, rtol=1e-5)
+  # Zero when the batch's mean prediction is the prior, although no row predicts it.
+  two = np.log(np.array([[0.9, 0.1], [0.1, 0.9]]))
+  assert abs(float(losses.class_balance(jnp.asarray(two), jnp.array([0.5, 0.5])))) < 1e-6
+  # One class absorbing the batch costs more than an even split.
+  collapsed = np.log(np.array([[0.9, 0.1], [0.9, 0.1]]))
+  assert float(losses.class_balance(jnp.asarray(collapsed), jnp.array([0.5, 0.5]))) > 0.3
