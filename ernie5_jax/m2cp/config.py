@@ -90,10 +90,10 @@ def default_config() -> ml_collections.ConfigDict:
   # Max weight (same ramp) of the classifiers' CE to the confident fused pseudo-labels on
   # unlabelled rows (FixMatch's unlabelled loss; split as ce_weight / fused_ce_weight).
   lo.pseudo_ce_weight = 1.0
-  # Class balance (Tanaka et al., CVPR 2018, Eq. 6): KL(labelled class prior || the batch's
-  # mean prediction on the unlabelled rows), averaged over the four classifiers. Without it
-  # the confident pseudo-labels let one class absorb a similar one (2% labels, seed 2: one
-  # class took 2.3x its share, fused accuracy 75.8%; with it 1.3x and 82.8%).
+  # Class balance (losses.class_balance): KL(labelled class prior || mean prediction on the
+  # unlabelled rows), linearised around the moving-average prediction, averaged over the four
+  # classifiers. Without it the confident pseudo-labels can let one class absorb a similar
+  # one (2% labels, seed 2: one class took 2.3x its share, fused accuracy 75.8%).
   lo.class_balance_weight = 1.0
 
   # --- optimizer ----------------------------------------------------------------

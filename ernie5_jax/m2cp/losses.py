@@ -3,8 +3,8 @@
 total = ce_weight * sum_m CE(classifier(f_m), y)             labelled rows, m in 3 modalities
       + fused_ce_weight * CE(fused([f_point, f_view, f_mesh]), y)
       + consistency_weight * mean_{pairs a<b} NT-Xent(z_a, z_b)     unlabelled rows, T = 0.5
-      + class_balance_weight * mean_h KL(prior || mean_b softmax(logits_h))   unlabelled rows,
-                                                       h in the 3 classifiers + fused
+      + class_balance_weight * mean_h class_balance(logits_h, prior, r)      unlabelled rows,
+           h in the 3 classifiers + fused, r the moving-average pseudo-labelling prediction
       + ramp(step) * m2cp_weight * M2CP
       + ramp(step) * pseudo_ce_weight * (ce_weight * sum_m PCE(logits_m) + fused_ce_weight
                                          * PCE(logits_fused))          unlabelled rows
@@ -97,14 +97,21 @@ def pseudo_labels(logits: jax.Array | list[jax.Array], threshold: float
   return confident_argmax(mean_softmax(logits), threshold)
 
 
-def class_balance(logits: jax.Array, prior: jax.Array) -> jax.Array:
-  """KL(prior || mean_b softmax(logits_b)) (Tanaka et al., CVPR 2018, Eq. 6): logits [B, C].
+def class_balance(logits: jax.Array, prior: jax.Array, running_mean: jax.Array) -> jax.Array:
+  """KL(prior || mean prediction) to first order around its moving average; logits [B, C].
 
-  Zero when the batch's mean prediction equals the class prior [C]; grows as one class
-  absorbs others' rows.
+  KL(prior || m) (Tanaka et al., CVPR 2018, Eq. 6) with m = the batch's mean softmax, expanded
+  around r = running_mean [C] (no gradient): KL(prior || r) - sum_c prior_c (m_c - r_c) / r_c.
+  Its gradient pushes the batch towards the classes the model under-predicts over many
+  batches (prior_c / r_c), not towards an even split of each batch: a batch of 32 rows over
+  12 balanced classes is itself uneven, and the plain batch KL (its floor ~(C - 1) / 2B nats)
+  fought correct confident predictions (5% labels: -1.4 points fused accuracy vs supervised).
+  With r = prior the gradient is zero.
   """
   mean = jnp.mean(jax.nn.softmax(logits, axis=-1), axis=0)  # [C]
-  return jnp.sum(prior * (jnp.log(jnp.maximum(prior, 1e-12)) - jnp.log(mean + 1e-12)))
+  r = jax.lax.stop_gradient(jnp.maximum(running_mean, 1e-6))  # [C]
+  kl = jnp.sum(prior * (jnp.log(jnp.maximum(prior, 1e-12)) - jnp.log(r)))
+  return kl - jnp.sum(prior * (mean - r) / r)
 
 
 def pseudo_label_ce(logits: jax.Array, pseudo: jax.Array, confident: jax.Array) -> jax.Array:

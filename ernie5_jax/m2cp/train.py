@@ -106,7 +106,8 @@ def make_train_step(config, graphdef, tx, schedule, *, with_unlabelled: bool,
       pseudo_ce = lo.ce_weight * sum(pce[m] for m in MODALITIES) + lo.fused_ce_weight * pce[
           "fused"]
       balance = jnp.mean(jnp.stack([
-          losses.class_balance(out[f"logits/{m}"][bl:bl + bu], prior)
+          losses.class_balance(out[f"logits/{m}"][bl:bl + bu], prior,
+                               rest["prediction_mean"].value)
           for m in (*MODALITIES, "fused")]))
       total = (total + lo.consistency_weight * cons + lo.class_balance_weight * balance
                + ramp * (lo.m2cp_weight * m2cp + lo.pseudo_ce_weight * pseudo_ce))

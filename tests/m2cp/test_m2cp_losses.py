@@ -1,5 +1,6 @@
 """Losses against naive formulas and hand-computed values."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -120,18 +121,26 @@ def test_update_running_mean_and_ensemble_pseudo_labels():
   np.testing.assert_array_equal(mask, [1, 0])
 
 
-def test_class_balance_is_kl_of_prior_to_mean_prediction():
+def test_class_balance_is_kl_to_the_mean_prediction_linearised_at_its_average():
   rng = np.random.default_rng(3)
   logits = rng.normal(size=(5, 4))
   prior = np.array([0.1, 0.2, 0.3, 0.4])
-  probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-  mean = probs.mean(0)
-  naive = sum(p * np.log(p / q) for p, q in zip(prior, mean))  # KL(prior || mean)
-  got = losses.class_balance(jnp.asarray(logits), jnp.asarray(prior))
+  running = np.array([0.4, 0.3, 0.2, 0.1])  # The model over-predicts class 0 over many steps.
+  mean = (np.exp(logits) / np.exp(logits).sum(1, keepdims=True)).mean(0)
+  kl = lambda q: sum(p * np.log(p / qq) for p, qq in zip(prior, q))  # KL(prior || q)
+  # First-order Taylor expansion of KL(prior || m) in m around the running mean.
+  naive = kl(running) - sum(p * (m - r) / r for p, m, r in zip(prior, mean, running))
+  got = losses.class_balance(jnp.asarray(logits), jnp.asarray(prior), jnp.asarray(running))
   np.testing.assert_allclose(got, naive, rtol=1e-5)
-  # Zero when the batch's mean prediction is the prior, although no row predicts it.
-  two = np.log(np.array([[0.9, 0.1], [0.1, 0.9]]))
-  assert abs(float(losses.class_balance(jnp.asarray(two), jnp.array([0.5, 0.5])))) < 1e-6
-  # One class absorbing the batch costs more than an even split.
-  collapsed = np.log(np.array([[0.9, 0.1], [0.9, 0.1]]))
-  assert float(losses.class_balance(jnp.asarray(collapsed), jnp.array([0.5, 0.5]))) > 0.3
+  # Equal to the KL itself where the batch's mean prediction is the running mean.
+  at_r = losses.class_balance(jnp.log(jnp.asarray(running))[None], jnp.asarray(prior),
+                              jnp.asarray(running))
+  np.testing.assert_allclose(at_r, kl(running), rtol=1e-5)
+  # Its gradient raises the under-predicted class 3 and lowers the over-predicted class 0 ...
+  grad = np.asarray(jax.grad(losses.class_balance)(jnp.asarray(logits), jnp.asarray(prior),
+                                                   jnp.asarray(running)))  # [B, C]
+  assert (grad[:, 3] < 0).all() and (grad[:, 0] > 0).all()
+  # ... and vanishes once the running mean is the prior, however uneven this batch is.
+  flat = jax.grad(losses.class_balance)(jnp.asarray(logits), jnp.asarray(prior),
+                                        jnp.asarray(prior))
+  np.testing.assert_allclose(flat, 0.0, atol=1e-6)
