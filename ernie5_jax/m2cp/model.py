@@ -4,7 +4,8 @@ Heads as in M2CP (Chen et al., BMVC 2021, Sec. 3): the classifier and the projec
 head are shared by the three modalities' embed_dim features; the fused classifier
 reads their concatenation. The per-class prototypes of the M2CP loss live here as a
 non-trainable variable (see losses.update_prototypes for how they are maintained), and
-so does the moving average of the unlabelled predictions (distribution alignment).
+so does the moving average of the unlabelled predictions (distribution alignment and the
+class-balance loss).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class M2CPModel(nnx.Module):
     self.fused = nnx.Linear(len(MODALITIES) * e, cfg.num_classes, rngs=rngs)
     init = jax.random.normal(rngs.params(), (cfg.num_classes, e))
     self.prototypes = Prototypes(init / jnp.linalg.norm(init, axis=-1, keepdims=True))
-    # For distribution alignment (losses.align_distribution); starts uniform.
+    # For losses.align_distribution and losses.class_balance; starts uniform.
     self.prediction_mean = PredictionMean(jnp.full((cfg.num_classes,), 1 / cfg.num_classes))
 
   def features(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
