@@ -1,5 +1,8 @@
 """The labelled split, the train batches, the shapes3d generator and the M2CP config checks."""
 
+import os
+import runpy
+
 import numpy as np
 import pytest
 
@@ -35,6 +38,20 @@ def test_config_rejects_label_fraction_outside_unit_interval(bad):
     config_lib.validate(cfg)
   cfg.data.label_fraction = 1.0
   config_lib.validate(cfg)
+
+
+def test_supervised_baseline_reads_no_unlabelled_rows():
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  get = lambda name: runpy.run_path(os.path.join(root, "experiments", name))["get_config"]
+  m2cp, supervised = get("m2cp_shapes.py")("frac=0.05"), get("m2cp_shapes_supervised.py")("")
+  assert config_lib.uses_unlabelled(m2cp) and not config_lib.uses_unlabelled(supervised)
+  unlabelled_losses = ("consistency_weight", "m2cp_weight", "pseudo_ce_weight",
+                       "class_balance_weight")
+  for name in unlabelled_losses:  # Each unlabelled loss alone needs the unlabelled rows.
+    solo = config_lib.default_config()
+    solo.loss.update({other: float(other == name) for other in unlabelled_losses})
+    assert config_lib.uses_unlabelled(solo), name
+  assert m2cp.data.label_fraction == 0.05 and m2cp.loss.class_balance_weight > 0
 
 
 def test_train_batch_deterministic_labelled_first():
