@@ -125,12 +125,12 @@ def write_table() -> str:
   methods = list(dict.fromkeys(m for m, _, _ in grid))
   runs, timings = {}, {}
   for method, frac, seed in grid:
-    result = _final(_workdir(method, frac, seed))
+    workdir, key = _workdir(method, frac, seed), f"{method}_f{frac}_s{seed}"
+    result, wall = _final(workdir), _wall_seconds(workdir)
     if result is not None:
-      runs[f"{method}_f{frac}_s{seed}"] = result
-    wall = _wall_seconds(_workdir(method, frac, seed))
+      runs[key] = result
     if wall is not None:
-      timings[f"{method}_f{frac}_s{seed}"] = wall
+      timings[key] = wall
   rows = ["| labels | method | fused accuracy (%) | mean retrieval mAP (%) | point / view / mesh "
           "accuracy (%) |", "|---|---|---|---|---|"]
   summary = {}

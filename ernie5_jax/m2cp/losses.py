@@ -91,12 +91,6 @@ def confident_argmax(probs: jax.Array, threshold: float) -> tuple[jax.Array, jax
       jnp.float32)
 
 
-def pseudo_labels(logits: jax.Array | list[jax.Array], threshold: float
-                  ) -> tuple[jax.Array, jax.Array]:
-  """confident_argmax of mean_softmax(logits): logits [B, C] or a list of them; no grad."""
-  return confident_argmax(mean_softmax(logits), threshold)
-
-
 def class_balance(logits: jax.Array, prior: jax.Array, running_mean: jax.Array) -> jax.Array:
   """KL(prior || mean prediction) to first order around its moving average; logits [B, C].
 

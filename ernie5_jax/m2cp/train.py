@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -62,15 +61,13 @@ def create_state(config, view_size: int, tx, *, abstract: bool):
 
 
 def make_train_step(config, graphdef, tx, schedule, *, with_unlabelled: bool,
-                    label_prior: np.ndarray | None = None):
+                    label_prior: np.ndarray):
   """Returns the jitted step (state, batch) -> (state, metrics); rows as data.TrainBatch.
 
-  label_prior [C]: the labelled class marginal, for loss.distribution_alignment (None:
-  uniform).
+  label_prior [C]: the labelled class marginal (distribution alignment, class balance).
   """
   num_classes = config.model.num_classes
-  prior = jnp.asarray(label_prior if label_prior is not None else
-                      np.full(num_classes, 1 / num_classes), jnp.float32)  # [C]
+  prior = jnp.asarray(label_prior, jnp.float32)  # [C]
   lo, bl, bu = config.loss, config.data.labelled_batch_size, config.data.unlabelled_batch_size
   # Rows the pseudo-label CE reads: the strongly augmented copies if present (FixMatch).
   strong = slice(bl + bu, bl + 2 * bu) if config.data.strong_unlabelled else slice(bl, bl + bu)
@@ -88,10 +85,11 @@ def make_train_step(config, graphdef, tx, schedule, *, with_unlabelled: bool,
       pairs = [(a, b) for i, a in enumerate(MODALITIES) for b in MODALITIES[i + 1:]]
       cons = jnp.mean(jnp.stack([losses.nt_xent(proj[a], proj[b], lo.consistency_temperature)
                                  for a, b in pairs]))
+      running = rest["prediction_mean"].value  # [C]
       heads = ["fused", *MODALITIES] if lo.pseudo_label_source == "ensemble" else ["fused"]
       probs = losses.mean_softmax([out[f"logits/{h}"][bl:bl + bu] for h in heads])  # [B_u, C]
       if lo.distribution_alignment:
-        pseudo_probs = losses.align_distribution(probs, prior, rest["prediction_mean"].value)
+        pseudo_probs = losses.align_distribution(probs, prior, running)
       else:
         pseudo_probs = probs
       pseudo, confident = losses.confident_argmax(pseudo_probs, lo.pseudo_label_threshold)
@@ -106,8 +104,7 @@ def make_train_step(config, graphdef, tx, schedule, *, with_unlabelled: bool,
       pseudo_ce = lo.ce_weight * sum(pce[m] for m in MODALITIES) + lo.fused_ce_weight * pce[
           "fused"]
       balance = jnp.mean(jnp.stack([
-          losses.class_balance(out[f"logits/{m}"][bl:bl + bu], prior,
-                               rest["prediction_mean"].value)
+          losses.class_balance(out[f"logits/{m}"][bl:bl + bu], prior, running)
           for m in (*MODALITIES, "fused")]))
       total = (total + lo.consistency_weight * cons + lo.class_balance_weight * balance
                + ramp * (lo.m2cp_weight * m2cp + lo.pseudo_ce_weight * pseudo_ce))
@@ -117,7 +114,7 @@ def make_train_step(config, graphdef, tx, schedule, *, with_unlabelled: bool,
           "class_balance": balance,
           "pseudo/fraction": jnp.mean(confident),
           # num_classes x the largest class share of the moving-average prediction (1: even).
-          "pseudo/max_class_share": num_classes * jnp.max(rest["prediction_mean"].value),
+          "pseudo/max_class_share": num_classes * jnp.max(running),
           "pseudo/accuracy": jnp.sum((pseudo == true_u) * confident) / jnp.maximum(
               jnp.sum(confident), 1.0)})
       proto_args = ([jax.lax.stop_gradient(f) for f in feats], targets, weights, probs)

@@ -34,7 +34,7 @@ def test_nt_xent_perfect_pairs_below_random():
 
 def test_pseudo_labels_threshold():
   logits = jnp.log(jnp.array([[0.96, 0.02, 0.02], [0.94, 0.03, 0.03], [0.01, 0.01, 0.98]]))
-  labels, mask = losses.pseudo_labels(logits, 0.95)
+  labels, mask = losses.confident_argmax(losses.mean_softmax(logits), 0.95)
   np.testing.assert_array_equal(labels, [0, 0, 2])
   np.testing.assert_array_equal(mask, [1, 0, 1])
 
@@ -116,7 +116,7 @@ def test_update_running_mean_and_ensemble_pseudo_labels():
                              [0.9 * 0.5 + 0.1 * 0.4, 0.9 * 0.5 + 0.1 * 0.6], rtol=1e-6)
   a = jnp.log(jnp.array([[0.98, 0.02], [0.6, 0.4]]))
   b = jnp.log(jnp.array([[0.96, 0.04], [0.2, 0.8]]))
-  labels, mask = losses.pseudo_labels([a, b], 0.95)  # Means: (0.97, 0.03), (0.4, 0.6).
+  labels, mask = losses.confident_argmax(losses.mean_softmax([a, b]), 0.95)  # Means: (0.97, 0.03), (0.4, 0.6).
   np.testing.assert_array_equal(labels, [0, 1])
   np.testing.assert_array_equal(mask, [1, 0])
 

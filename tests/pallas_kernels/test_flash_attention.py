@@ -21,7 +21,7 @@ TOL = {jnp.float32: (1e-5, 1e-5), jnp.bfloat16: (0.0, 1e-2)}
 GRAD_TOL = {jnp.float32: (1e-5, 1e-4), jnp.bfloat16: (0.0, 2e-2)}
 
 
-def _close(actual, expected, tol, what=""):
+def assert_close(actual, expected, tol, what=""):
   atol, rtol = tol
   actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
   err = np.abs(actual - expected).max()
@@ -83,7 +83,7 @@ def test_forward_matches_reference_for_every_mask(inputs, backend, dtype):
     seg, grp = _ids(name)
     out = fn(q, k, v, seg, grp)
     assert out.shape == (B, S, H, D) and out.dtype == dtype
-    _close(out, pallas_kernels.attention_reference(q, k, v, seg, grp), TOL[dtype], name)
+    assert_close(out, pallas_kernels.attention_reference(q, k, v, seg, grp), TOL[dtype], name)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
@@ -104,7 +104,7 @@ def test_gradients_match_reference_for_every_mask(inputs, backend, dtype):
     grads, ref_grads = grad_fn(q, k, v, seg, grp), ref_fn(q, k, v, seg, grp)
     for arg, g, r in zip("qkv", grads, ref_grads):
       assert g.dtype == dtype
-      _close(g, r, GRAD_TOL[dtype], f"{name} d{arg}")
+      assert_close(g, r, GRAD_TOL[dtype], f"{name} d{arg}")
 
 
 @pytest.mark.parametrize("backend,num_kv,head_dim", [
@@ -130,9 +130,9 @@ def test_head_layouts_and_kv_sharing(backend, num_kv, head_dim):
 
   out, grads = out_and_grads(kernel)(q, k, v)
   ref_out, ref_grads = out_and_grads(reference)(q, k, v)
-  _close(out, ref_out, TOL[jnp.float32], "out")
+  assert_close(out, ref_out, TOL[jnp.float32], "out")
   for arg, g, r in zip("qkv", grads, ref_grads):
-    _close(g, r, GRAD_TOL[jnp.float32], f"d{arg}")
+    assert_close(g, r, GRAD_TOL[jnp.float32], f"d{arg}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -140,9 +140,9 @@ def test_default_blocks_missing_ids_and_lse(inputs, backend):
   # Default (large) blocks shrink to the 37-token sequence; missing ids = causal.
   q, k, v = _as(jnp.float32, *inputs[:3])
   out, lse = attention.flash_attention_fwd(q, k, v, backend=backend, interpret=True)
-  _close(out, pallas_kernels.attention_reference(q, k, v), TOL[jnp.float32], "out")
+  assert_close(out, pallas_kernels.attention_reference(q, k, v), TOL[jnp.float32], "out")
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, jnp.repeat(k, H // KV, axis=2),
                       precision=jax.lax.Precision.HIGHEST) / np.sqrt(D)
   logits = jnp.where(jnp.tril(jnp.ones((S, S), bool)), logits, -jnp.inf)
-  _close(lse, jax.nn.logsumexp(logits, axis=-1), TOL[jnp.float32], "lse")
+  assert_close(lse, jax.nn.logsumexp(logits, axis=-1), TOL[jnp.float32], "lse")
   assert lse.shape == (B, H, S) and lse.dtype == jnp.float32

@@ -31,7 +31,7 @@ GROUP_LAYOUTS = {
 }
 
 
-def _close(actual, expected, tol):
+def assert_close(actual, expected, tol):
   atol, rtol = tol
   actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
   bound = atol + rtol * max(np.abs(expected).max(), 1e-6)
@@ -60,7 +60,7 @@ def test_gmm_forward_matches_reference(operands, backend, dtype):
     sizes = _sizes(name)
     out = gmm_lib.gmm(lhs, rhs, sizes, tiling=TILING, backend=backend, interpret=True)
     assert out.shape == (M, N) and out.dtype == dtype, name
-    _close(out, pallas_kernels.gmm_reference(lhs, rhs, sizes), TOL[dtype])
+    assert_close(out, pallas_kernels.gmm_reference(lhs, rhs, sizes), TOL[dtype])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -83,12 +83,12 @@ def test_gmm_matches_ragged_dot_and_transposed_rhs(operands, backend):
   lhs, rhs, grad = (jnp.asarray(x) for x in operands)
   sizes = _sizes("ragged")
   out = gmm_lib.gmm(lhs, rhs, sizes, tiling=TILING, backend=backend, interpret=True)
-  _close(out, jax.lax.ragged_dot(lhs, rhs, sizes, precision=jax.lax.Precision.HIGHEST),
+  assert_close(out, jax.lax.ragged_dot(lhs, rhs, sizes, precision=jax.lax.Precision.HIGHEST),
          TOL[jnp.float32])
   # grad [M, N] @ rhs[g].T -> [M, K], as used by the backward pass.
   out_t = gmm_lib.gmm(grad, rhs, sizes, tiling=TILING, transpose_rhs=True, backend=backend,
                       interpret=True)
-  _close(out_t, pallas_kernels.gmm_reference(grad, rhs, sizes, transpose_rhs=True),
+  assert_close(out_t, pallas_kernels.gmm_reference(grad, rhs, sizes, transpose_rhs=True),
          TOL[jnp.float32])
 
 
@@ -101,7 +101,7 @@ def test_gmm_unaligned_shape_and_default_tiling(backend):
   sizes = jnp.asarray([7, 0, 40], jnp.int32)
   for tiling in (TILING, None):
     out = gmm_lib.gmm(lhs, rhs, sizes, tiling=tiling, backend=backend, interpret=True)
-    _close(out, pallas_kernels.gmm_reference(lhs, rhs, sizes), TOL[jnp.float32])
+    assert_close(out, pallas_kernels.gmm_reference(lhs, rhs, sizes), TOL[jnp.float32])
   out = gmm_lib.gmm(lhs, rhs, sizes, tiling=TILING, preferred_element_type=jnp.bfloat16,
                     backend=backend, interpret=True)
   assert out.dtype == jnp.bfloat16
@@ -114,7 +114,7 @@ def test_tgmm_matches_reference_and_zeroes_empty_groups(operands, backend):
     sizes = _sizes(name)
     out = gmm_lib.tgmm(lhs, grad, sizes, tiling=TILING, backend=backend, interpret=True)
     assert out.shape == (G, K, N)
-    _close(out, pallas_kernels.tgmm_reference(lhs, grad, sizes), TOL[jnp.float32])
+    assert_close(out, pallas_kernels.tgmm_reference(lhs, grad, sizes), TOL[jnp.float32])
     empty = np.asarray(GROUP_LAYOUTS[name]) == 0
     assert np.all(np.asarray(out)[empty] == 0.0), name
 
@@ -137,8 +137,8 @@ def test_grouped_matmul_gradients_match_reference(operands, backend, dtype):
     d_lhs, d_rhs = grad_fn(lhs, rhs, sizes)
     r_lhs, r_rhs = ref_fn(lhs, rhs, sizes)
     assert d_lhs.dtype == dtype and d_rhs.dtype == dtype
-    _close(d_lhs, r_lhs, GRAD_TOL[dtype])
-    _close(d_rhs, r_rhs, GRAD_TOL[dtype])
+    assert_close(d_lhs, r_lhs, GRAD_TOL[dtype])
+    assert_close(d_rhs, r_rhs, GRAD_TOL[dtype])
     used = int(np.sum(GROUP_LAYOUTS[name]))
     assert np.all(np.asarray(d_lhs)[used:] == 0.0)
 
