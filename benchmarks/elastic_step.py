@@ -37,11 +37,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from benchmarks.common import write_json  # noqa: E402
-from benchmarks.train_step import model_flops_per_token  # noqa: E402
 from ernie5_jax import config as config_lib  # noqa: E402
 from ernie5_jax import elastic_export  # noqa: E402
 from ernie5_jax import input_pipeline  # noqa: E402
 from ernie5_jax.model import elastic  # noqa: E402
+from ernie5_jax.model.flops import train_flops_per_token  # noqa: E402
 from ernie5_jax.train import optimizer  # noqa: E402
 from ernie5_jax.train import state as state_lib  # noqa: E402
 from ernie5_jax.train import step as step_lib  # noqa: E402
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     rows.append({"submodel": str(sub), "depth": sub.depth, "experts": sub.experts,
                  "top_k": sub.top_k, "total_params": counts["total"],
                  "active_params_per_token": counts["active_per_token"],
-                 "model_flops": model_flops_per_token(sub_config) * tokens})
+                 "model_flops": train_flops_per_token(sub_config) * tokens})
   for call in calls:  # Compile everything before timing.
     for fn, fn_args in call.values():
       jax.block_until_ready(fn(*fn_args))

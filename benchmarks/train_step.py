@@ -2,10 +2,8 @@
 
 Runs the real jitted train step (ernie5_jax.train.step) of an experiment config on
 pre-staged synthetic batches, so the figure is the step alone, not the input
-pipeline. Model FLOPs are counted analytically (PaLM, Chowdhery et al. 2022,
-arXiv 2204.02311, App. B): 6 * active matmul parameters per token (forward 2,
-backward 4) + 12 * layers * heads * head_dim * seq per token for attention
-scores and values. MFU is against an f32 matmul rate measured in the same run.
+pipeline. Model FLOPs are counted analytically (ernie5_jax/model/flops.py: PaLM
+App. B). MFU is against an f32 matmul rate measured in the same run.
 The step must compile exactly once over all the steps.
 
   python benchmarks/train_step.py                          # experiments/tiny.py, 50 steps
@@ -32,28 +30,10 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from ernie5_jax import config as config_lib  # noqa: E402
 from ernie5_jax import input_pipeline  # noqa: E402
+from ernie5_jax.model import flops  # noqa: E402
 from ernie5_jax.train import optimizer  # noqa: E402
 from ernie5_jax.train import state as state_lib  # noqa: E402
 from ernie5_jax.train import step as step_lib  # noqa: E402
-
-
-def active_matmul_params(m) -> dict[str, int]:
-  """Matmul parameters one token uses, by part (embedding lookup excluded, head included)."""
-  attn = m.d_model * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)  # q, o, k, v
-  dense_ffn = 3 * m.d_model * m.dense_hidden
-  moe_ffn = (m.d_model * m.num_experts  # router
-             + (m.top_k + m.num_shared_experts) * 3 * m.d_model * m.expert_hidden)
-  num_moe = m.num_layers - m.num_dense_layers
-  return {"attention": m.num_layers * attn, "dense_ffn": m.num_dense_layers * dense_ffn,
-          "moe_ffn": num_moe * moe_ffn, "head": m.vocab_size * m.d_model}
-
-
-def model_flops_per_token(config) -> float:
-  """6 * active params + 12 * L * H * Dh * S (PaLM App. B), forward + backward."""
-  m = config.model
-  params = sum(active_matmul_params(m).values())
-  attention = 12 * m.num_layers * m.num_heads * m.head_dim * config.data.seq_len
-  return 6.0 * params + attention
 
 
 def matmul_flops_per_sec(n: int = 1024, iters: int = 10) -> float:
@@ -105,10 +85,10 @@ def main(argv=None) -> int:
   tokens_per_step = config.data.global_batch_size * config.data.seq_len
   steady_steps = args.steps - 1
   tokens_per_sec = steady_steps * tokens_per_step / steady_s
-  flops_per_token = model_flops_per_token(config)
+  flops_per_token = flops.train_flops_per_token(config)
   matmul_rate = matmul_flops_per_sec()
   mfu = tokens_per_sec * flops_per_token / matmul_rate
-  params = active_matmul_params(config.model)
+  params = flops.active_matmul_params(config.model)
   result = {
       "benchmark": "train_step",
       "config": pathlib.Path(args.config).name,

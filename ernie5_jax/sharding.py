@@ -69,6 +69,9 @@ class Layout:
   mesh: Mesh | jax.sharding.AbstractMesh  # Abstract: planning only (abstract_layout).
   rules: tuple[tuple[str, tuple[str, ...]], ...]  # (logical name, mesh axes), config order.
   expert_capacity_factor: float = 0.0  # config.mesh.expert_capacity_factor (0 = dropless).
+  # The platform the program is compiled for ("cpu", "tpu", "cuda"): the devices' own, or the
+  # target of an ahead-of-time compile or export (ernie5_jax/aot); ops/backend.py reads it.
+  platform: str | None = None
 
   @property
   def axis_sizes(self) -> dict[str, int]:
@@ -89,14 +92,19 @@ class Layout:
 
 
 def make_layout(config: ml_collections.ConfigDict,
-                devices: Sequence[jax.Device] | None = None) -> Layout:
-  """Builds the device mesh of config.mesh over `devices` (default: all) and its rules."""
+                devices: Sequence[jax.Device] | None = None, *,
+                platform: str | None = None) -> Layout:
+  """Builds the device mesh of config.mesh over `devices` (default: all) and its rules.
+
+  platform: what the program is compiled for; default the devices' platform (a CPU host
+  compiling for abstract TPU devices gets "tpu"; `jax.export` to another platform names it).
+  """
   devices = jax.devices() if devices is None else list(devices)
   sizes = mesh_shape(config.mesh, len(devices))
   mesh = jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
                        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
                        devices=devices)
-  return _layout(config, mesh)
+  return _layout(config, mesh, platform or devices[0].platform)
 
 
 def abstract_layout(config: ml_collections.ConfigDict, num_devices: int) -> Layout:
@@ -106,9 +114,11 @@ def abstract_layout(config: ml_collections.ConfigDict, num_devices: int) -> Layo
                                                    MESH_AXES))
 
 
-def _layout(config: ml_collections.ConfigDict, mesh: Mesh | jax.sharding.AbstractMesh) -> Layout:
+def _layout(config: ml_collections.ConfigDict, mesh: Mesh | jax.sharding.AbstractMesh,
+            platform: str | None = None) -> Layout:
   table = rules_table(config.mesh)
-  layout = Layout(mesh, tuple(table.items()), float(config.mesh.expert_capacity_factor))
+  layout = Layout(mesh, tuple(table.items()), float(config.mesh.expert_capacity_factor),
+                  platform)
   expert_axes = layout.axes("expert") if "expert" in table else ()
   missing = [a for a in expert_axes if a not in layout.axes(BATCH)]
   if missing:  # Expert parallelism exchanges tokens between the shards that split the batch.

@@ -163,8 +163,9 @@ def forward(q, k, v, segment_ids, group_ids, *, scale, block_q, block_k, interpr
       pl.BlockSpec((None, None, bq, 1), lambda b, h, qi, ki, *_: (b, h, qi, 0)),  # lse
   ]
   q_k = layout.to_kernel(q)
-  out_shape = [jax.ShapeDtypeStruct(q_k.shape, q.dtype),
-               jax.ShapeDtypeStruct((batch, num_heads, seq, 1), jnp.float32)]
+  operands = (q, k, v, segment_ids, group_ids)
+  out_shape = [common.out_struct(q_k.shape, q.dtype, *operands),
+               common.out_struct((batch, num_heads, seq, 1), jnp.float32, *operands)]
   itemsize = jnp.dtype(q.dtype).itemsize
   cost = pl.CostEstimate(
       flops=4 * batch * num_heads * seq * seq * head_dim,
@@ -194,6 +195,7 @@ def backward(q, k, v, segment_ids, group_ids, lse, delta, do, *, scale, block_q,
              interpret):
   """Padded inputs (lse, delta [B, H, S] float32; do like q) -> (dq, dk, dv)."""
   batch, seq, num_heads, head_dim = q.shape
+  operands = (q, k, v, segment_ids, group_ids, lse, delta, do)  # outputs vary like these
   num_kv = k.shape[2]
   rep = num_heads // num_kv
   bq, bk = block_q, block_k
@@ -247,7 +249,7 @@ def backward(q, k, v, segment_ids, group_ids, lse, delta, do, *, scale, block_q,
   q_side = lambda b, h, qi, ki, *_: (b, h, qi)  # this query block of head h
   dq = pl.pallas_call(
       dq_kernel,
-      out_shape=jax.ShapeDtypeStruct(q_k.shape, q.dtype),
+      out_shape=common.out_struct(q_k.shape, q.dtype, *operands),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1,
           grid=(batch, num_heads, nq, nk),
@@ -325,8 +327,8 @@ def backward(q, k, v, segment_ids, group_ids, lse, delta, do, *, scale, block_q,
   k_side = lambda b, g, ki, r, qi, *_: (b, g, ki)  # this key block of kv head g
   dk, dv = pl.pallas_call(
       dkv_kernel,
-      out_shape=[jax.ShapeDtypeStruct(k_k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v_k.shape, v.dtype)],
+      out_shape=[common.out_struct(k_k.shape, k.dtype, *operands),
+                 common.out_struct(v_k.shape, v.dtype, *operands)],
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1,
           grid=(batch, num_kv, nk, rep, nq),

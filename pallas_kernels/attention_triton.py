@@ -91,8 +91,9 @@ def forward(q, k, v, segment_ids, group_ids, *, scale, block_q, block_k, interpr
                         lambda i, b, h: (b, 0, jax.lax.div(h, rep), 0))
   out, lse = pl.pallas_call(
       kernel,
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((batch, num_heads, seq), jnp.float32)],
+      out_shape=[common.out_struct(q.shape, q.dtype, q, k, v, segment_ids, group_ids),
+                 common.out_struct((batch, num_heads, seq), jnp.float32, q, k, v, segment_ids,
+                                   group_ids)],
       grid=(nq, batch, num_heads),
       in_specs=[
           pl.BlockSpec((None, nq), lambda i, b, h: (b, 0)),  # lo: the batch row
@@ -123,6 +124,7 @@ def backward(q, k, v, segment_ids, group_ids, lse, delta, do, *, scale, block_q,
              interpret):
   """Padded inputs (lse, delta [B, H, S] float32; do like q) -> (dq, dk, dv)."""
   batch, seq, num_heads, head_dim = q.shape
+  operands = (q, k, v, segment_ids, group_ids, lse, delta, do)  # outputs vary like these
   num_kv = k.shape[2]
   rep = num_heads // num_kv
   bq, bk = block_q, block_k
@@ -167,7 +169,7 @@ def backward(q, k, v, segment_ids, group_ids, lse, delta, do, *, scale, block_q,
   row = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))  # lse / delta of the block
   dq = pl.pallas_call(
       dq_kernel,
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      out_shape=common.out_struct(q.shape, q.dtype, *operands),
       grid=(nq, batch, num_heads),
       in_specs=[
           pl.BlockSpec((None, nq), lambda i, b, h: (b, 0)),  # lo: the batch row
@@ -224,7 +226,8 @@ def backward(q, k, v, segment_ids, group_ids, lse, delta, do, *, scale, block_q,
   rows_heads = pl.BlockSpec((None, rep, seq), lambda j, b, g: (b, g, 0))  # their lse / delta
   dk, dv = pl.pallas_call(
       dkv_kernel,
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      out_shape=[common.out_struct(k.shape, k.dtype, *operands),
+                 common.out_struct(v.shape, v.dtype, *operands)],
       grid=(nk, batch, num_kv),
       in_specs=[
           pl.BlockSpec((None, nk), lambda j, b, g: (b, 0)),  # lo_t: the batch row

@@ -48,6 +48,18 @@ def pad_axis(x: jax.Array, axis: int, size: int, *, mode: str = "constant") -> j
   return jnp.pad(x, widths, mode=mode)
 
 
+def out_struct(shape: tuple[int, ...], dtype: Any, *operands: jax.Array) -> jax.ShapeDtypeStruct:
+  """A pallas_call out_shape that varies over the mesh axes any of `operands` varies over.
+
+  Inside `jax.shard_map` (check_vma=True) a kernel's output must say over which manual
+  mesh axes it varies; a kernel output depends on all its operands, so it is the union of
+  theirs. Outside shard_map every operand's set is empty.
+  """
+  varying = frozenset().union(*(jax.typeof(x).mat.varying for x in operands))
+  return jax.ShapeDtypeStruct(shape, dtype,
+                              manual_axis_type=jax.sharding.ManualAxisType(varying=varying))
+
+
 def check_backend(backend: str) -> None:
   """Raises ValueError unless `backend` is one of BACKENDS."""
   if backend not in BACKENDS:

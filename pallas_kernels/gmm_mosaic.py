@@ -158,7 +158,7 @@ def gmm(
       transcendentals=0)
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+      out_shape=common.out_struct((m, n), out_dtype, lhs, rhs, offsets),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=5,
           grid=(tiles_n, num_visits, tiles_k),
@@ -235,7 +235,7 @@ def tgmm(
       transcendentals=0)
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+      out_shape=common.out_struct((num_groups, k, n), out_dtype, lhs, grad, offsets),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=3,
           grid=(tiles_k, tiles_n, num_visits),

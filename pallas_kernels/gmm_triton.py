@@ -89,7 +89,7 @@ def gmm(
       transcendentals=0)
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+      out_shape=common.out_struct((m, n), out_dtype, lhs, rhs, offsets),
       grid=(tiles_m, tiles_n),
       in_specs=[
           # Metadata: whole arrays, read as scalars.
@@ -154,7 +154,7 @@ def tgmm(
       transcendentals=0)
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+      out_shape=common.out_struct((num_groups, k, n), out_dtype, lhs, grad, offsets),
       grid=(num_groups, tiles_k, tiles_n),
       in_specs=[
           pl.BlockSpec((num_groups + 1,), lambda g, a, b: (0,)),  # offsets: whole array

@@ -4,6 +4,8 @@ Layouts here sit on AbstractMeshes (no devices needed); numerics on 8 simulated 
 are in tests/multidevice/.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -124,15 +126,21 @@ def test_batch_sharding_needs_a_multiple_of_the_batch_shards():
     sharding.batch_sharding(abstract, 4)
 
 
-def test_constrain_is_the_identity_without_a_layout_and_ep_needs_a_split_expert_axis():
+def test_constrain_is_the_identity_without_a_layout_and_the_layout_sets_the_platform():
   x = jnp.ones((2, 4, 8))
   assert sharding.constrain(x, sharding.ACT_BSD) is x
-  assert backend.expert_parallel_layout() is None
-  with sharding.use_layout(sharding.abstract_layout(_config(tensor=2), 8)):
-    assert backend.expert_parallel_layout() is None  # experts not split: plain dispatch
-  layout = sharding.abstract_layout(_config(expert=4), 8)
-  with sharding.use_layout(layout):
-    assert backend.expert_parallel_layout() is layout
+  assert backend.target_platform() == "cpu"
+  assert backend.ragged_exchange() is None  # XLA:CPU: the padded exchange
+  layout = sharding.make_layout(_config())
+  assert layout.platform == "cpu"
+  target = dataclasses.replace(layout, platform="tpu")  # an ahead-of-time compile for TPU
+  with sharding.use_layout(target):
+    assert backend.target_platform() == "tpu"
+    assert backend.resolve_moe_backend("auto") == "pallas"
+    assert backend.resolve_attention_backend("auto") == "pallas"
+    assert not backend.pallas_interpret()
+    assert backend.ragged_exchange() is jax.lax.ragged_all_to_all
+    assert backend.target_platform("cpu") == "cpu"  # an explicit argument wins
   assert sharding.active_layout() is None
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from ernie5_jax.input_pipeline import synthetic
@@ -72,6 +73,19 @@ def create_dataset(config: ml_collections.ConfigDict, *, process_index: int | No
       num_modalities=d.num_modalities, seed=config.seed, shuffle_seed=d.shuffle_seed,
       local_batch_size=local_batch_size(d.global_batch_size, process_count),
       process_index=process_index, process_count=process_count)
+
+
+def batch_spec(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global batch's fields (module doc) as jax.ShapeDtypeStruct: for compiling without data."""
+  b, s = config.data.global_batch_size, config.data.seq_len
+  spec = {name: jax.ShapeDtypeStruct((b, s), jnp.int32)
+          for name in ("tokens", "targets", "modality", "segment_ids", "group_ids")}
+  spec["loss_mask"] = jax.ShapeDtypeStruct((b, s), jnp.float32)
+  spec["positions"] = jax.ShapeDtypeStruct((b, s, 3), jnp.int32)
+  if config.data.source in ("digits_multimodal", "digits_sft"):  # The sources with audio.
+    levels = (b, s, config.model.audio_levels)
+    spec["audio_codes"] = spec["audio_targets"] = jax.ShapeDtypeStruct(levels, jnp.int32)
+  return spec
 
 
 def create_train_iterator(config: ml_collections.ConfigDict, **kwargs) -> grain.DatasetIterator:

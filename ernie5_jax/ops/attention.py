@@ -9,14 +9,22 @@ the same nonzero group (e.g. one vision scale) see each other in both directions
 Backends: "xla" (below: one masked softmax, the CPU path) and "pallas"
 (`pallas_kernels.flash_attention`: block-sparse flash attention that skips fully
 masked blocks; interpret mode on CPU). "auto" is decided in ops/backend.py.
+Under an active layout (sharding.use_layout) the kernel runs inside `jax.shard_map`, one
+call per device on its batch rows and heads: Mosaic and Triton kernels cannot be
+partitioned by XLA, and attention needs no communication between rows or heads.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
 import pallas_kernels
+from jax.sharding import PartitionSpec
+
+from ernie5_jax import sharding
 from ernie5_jax.ops.backend import pallas_interpret, resolve_attention_backend
 
 
@@ -88,6 +96,31 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Arra
   """
   _check_shapes(q, k, v, segment_ids, group_ids)
   if resolve_attention_backend(backend) == "pallas":
-    return pallas_kernels.flash_attention(q, k, v, segment_ids, group_ids,
-                                          interpret=pallas_interpret())
+    kernel = functools.partial(pallas_kernels.flash_attention, interpret=pallas_interpret())
+    layout = sharding.active_layout()
+    if layout is None:
+      return kernel(q, k, v, segment_ids, group_ids)
+    return _per_device(kernel, layout, q, k, v, segment_ids, group_ids)
   return xla_attention(q, k, v, make_mask(segment_ids, group_ids))
+
+
+def _per_device(kernel, layout: sharding.Layout, q, k, v, segment_ids, group_ids) -> jax.Array:
+  """kernel(q, k, v, segment_ids, group_ids) in a shard_map over batch rows and heads.
+
+  Rows split over the 'batch' rule's mesh axes and heads over the 'q_heads' ones, where
+  they divide (else that dimension is whole on every device: gathered first). K/V heads
+  split like the query heads: query head h of a device reads its kv head h // groups.
+  """
+  batch, _, heads, _ = q.shape
+  rows = layout.axes(sharding.BATCH)
+  if batch % layout.size(rows):
+    rows = ()
+  head_axes = tuple(a for a in layout.axes("q_heads") if a not in rows)
+  if (head_axes != tuple(a for a in layout.axes("kv_heads") if a not in rows)
+      or heads % layout.size(head_axes) or k.shape[2] % layout.size(head_axes)):
+    head_axes = ()
+  row_spec, head_spec = rows or None, head_axes or None
+  qkv = PartitionSpec(row_spec, None, head_spec, None)  # [batch, seq, heads, head_dim]
+  ids = PartitionSpec(row_spec, None)  # [batch, seq]
+  return jax.shard_map(kernel, mesh=layout.mesh, in_specs=(qkv, qkv, qkv, ids, ids),
+                       out_specs=qkv)(q, k, v, segment_ids, group_ids)

@@ -14,9 +14,11 @@ Backends (`backend=`; "auto" is resolved by ops.backend.resolve_moe_backend):
 - "capacity": token dropping with C = ceil(capacity_factor * T*K / E) rows per
   expert (GShard, arXiv 2006.16668; Switch, arXiv 2101.03961): assignments past
   C, in token order, contribute 0. For comparison.
-Under a layout that splits the experts over devices (ops/backend.expert_parallel_layout),
-tokens travel to their experts by all-to-all (ops/moe_expert_parallel.py) and each device
-runs the backend above on its own experts.
+Under an active layout (sharding.use_layout) the dispatch runs per device inside
+`jax.shard_map` (ops/moe_expert_parallel.py): where the layout splits the experts, tokens
+travel to their experts by all-to-all and each device runs the backend above on its own
+experts; else each token shard runs it on its own tokens (a "capacity" then counts per
+shard, as under expert parallelism).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
+from ernie5_jax import sharding
 from ernie5_jax.ops import moe_expert_parallel, moe_slots
-from ernie5_jax.ops.backend import expert_parallel_layout, pallas_interpret, resolve_moe_backend
+from ernie5_jax.ops.backend import pallas_interpret, ragged_exchange, resolve_moe_backend
 
 
 def expert_ffn(x, expert_ids, combine_weights, w_gate, w_up, w_down, *,
@@ -53,16 +56,25 @@ def expert_ffn(x, expert_ids, combine_weights, w_gate, w_up, w_down, *,
                      "expected a value > 0")
   local = functools.partial(_single_device_ffn, backend=backend,
                             capacity_factor=capacity_factor)
-  layout = expert_parallel_layout()
+  layout = sharding.active_layout()
   if layout is None:
     return local(x, expert_ids, combine_weights, w_gate, w_up, w_down)
-  token_axes, expert_axes = layout.axes("batch"), layout.axes("expert")
-  return moe_expert_parallel.expert_parallel_ffn(
+  token_axes, expert_axes = layout.axes(sharding.BATCH), layout.axes("expert")
+  # A hidden split over shards that hold other tokens cannot be summed: those gather F.
+  hidden_axes = [a for a in layout.axes("expert_mlp") if a not in token_axes]
+  if expert_axes:
+    return moe_expert_parallel.expert_parallel_ffn(
+        x, expert_ids, combine_weights, w_gate, w_up, w_down, mesh=layout.mesh,
+        token_axes=token_axes, expert_axes=expert_axes, hidden_axes=hidden_axes,
+        capacity_factor=layout.expert_capacity_factor, local_ffn=local,
+        ragged_exchange=ragged_exchange())
+  if x.shape[0] % layout.size(token_axes):  # e.g. one decoded token: not split
+    token_axes = ()
+  if not token_axes and not hidden_axes:
+    return local(x, expert_ids, combine_weights, w_gate, w_up, w_down)
+  return moe_expert_parallel.token_parallel_ffn(
       x, expert_ids, combine_weights, w_gate, w_up, w_down, mesh=layout.mesh,
-      token_axes=token_axes, expert_axes=expert_axes,
-      # A hidden split over shards that hold other tokens cannot be summed: those gather F.
-      hidden_axes=[a for a in layout.axes("expert_mlp") if a not in token_axes],
-      capacity_factor=layout.expert_capacity_factor, local_ffn=local)
+      token_axes=token_axes, hidden_axes=hidden_axes, local_ffn=local)
 
 
 def _single_device_ffn(x, expert_ids, combine_weights, w_gate, w_up, w_down, *, backend: str,

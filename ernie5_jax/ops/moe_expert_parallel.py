@@ -17,15 +17,28 @@ expert shards (GShard, arXiv 2006.16668, Sec. 3.2; DeepSeek-V3, arXiv 2412.19437
 C = ceil(capacity_factor * T_l * K / n) (capacity_factor = config.mesh.expert_capacity_factor);
 capacity_factor 0 makes C = T_l * K, which no routing can overflow (dropless, exact).
 The router runs outside, in the global view, so its expert loads (aux-loss-free balancing)
-are sums over the global batch already. `jax.lax.ragged_all_to_all` would exchange only
-real rows, but XLA:CPU does not implement it (checked with jax 0.10.2), so the padded
-exchange is the one path here, and the one the CPU tests cover.
+are sums over the global batch already.
+
+Dropless on TPU/GPU (ops/backend.ragged_exchange): steps 1-2 and 4 use
+`jax.lax.ragged_all_to_all` instead (the exchange MaxText uses): each device sends exactly
+its rows for each shard, sorted by destination, and the receivers place them contiguously
+in sender order (`ragged_plan` computes the offsets with two small all-to-alls). Only real
+rows travel; the receive buffer still has room for the worst case (n * T_l * K rows, as
+the padded dropless exchange), and the local experts run on it, padding rows included.
+XLA:CPU has no ragged all-to-all (jax 0.10.2), so the CPU tests run this path with
+`emulated_ragged_all_to_all` (same semantics, built from the padded all-to-all) against the
+single-device dispatch, and the TPU compile (ernie5_jax/aot) checks the real collective.
+
+Without an expert split, `token_parallel_ffn` runs the single-device dispatch per token
+shard inside `jax.shard_map` (Mosaic and Triton kernels cannot be partitioned by XLA; the
+dispatch needs no communication between token shards).
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +47,9 @@ from jax.sharding import Mesh, PartitionSpec
 from ernie5_jax.ops import moe_slots
 
 LocalFFN = Callable[..., jax.Array]  # expert_ffn's single-device signature, backend bound.
+# jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
+# recv_sizes, *, axis_name) or emulated_ragged_all_to_all.
+RaggedExchange = Callable[..., jax.Array]
 
 
 def exchange_rows(local_assignments: int, num_shards: int, capacity_factor: float) -> int:
@@ -47,7 +63,8 @@ def exchange_rows(local_assignments: int, num_shards: int, capacity_factor: floa
 def expert_parallel_ffn(x, expert_ids, combine_weights, w_gate, w_up, w_down, *, mesh: Mesh,
                         token_axes: Sequence[str], expert_axes: Sequence[str],
                         hidden_axes: Sequence[str], capacity_factor: float,
-                        local_ffn: LocalFFN) -> jax.Array:
+                        local_ffn: LocalFFN,
+                        ragged_exchange: RaggedExchange | None = None) -> jax.Array:
   """expert_ffn's y [tokens, d_model] with experts split over expert_axes (module doc).
 
   Args:
@@ -57,6 +74,8 @@ def expert_parallel_ffn(x, expert_ids, combine_weights, w_gate, w_up, w_down, *,
       expert_axes: mesh axes splitting E; hidden_axes: mesh axes splitting F (summed).
     capacity_factor: see exchange_rows (0 = dropless).
     local_ffn: fn(x, expert_ids, combine_weights, w_gate, w_up, w_down) -> y, one device.
+    ragged_exchange: with capacity_factor 0, exchange only the real rows with this
+      (jax.lax.ragged_all_to_all's signature; module doc); None: the padded exchange.
   """
   token_axes, expert_axes, hidden_axes = tuple(token_axes), tuple(expert_axes), tuple(hidden_axes)
   num_shards = math.prod(mesh.shape[a] for a in expert_axes)
@@ -74,9 +93,14 @@ def expert_parallel_ffn(x, expert_ids, combine_weights, w_gate, w_up, w_down, *,
   ep = expert_axes[0] if len(expert_axes) == 1 else expert_axes
   tok = PartitionSpec(token_axes, None)
   hid = hidden_axes or None
-  body = _shard_body(num_shards=num_shards, ep_axis=ep, hidden_axes=hidden_axes,
-                     weight_vary_axes=tuple(a for a in token_axes if a not in expert_axes),
-                     capacity_factor=capacity_factor, local_ffn=local_ffn)
+  vary = tuple(a for a in token_axes if a not in expert_axes)
+  if ragged_exchange is not None and capacity_factor == 0:
+    body = _ragged_body(num_shards=num_shards, ep_axis=ep, hidden_axes=hidden_axes,
+                        weight_vary_axes=vary, local_ffn=local_ffn, exchange=ragged_exchange)
+  else:
+    body = _shard_body(num_shards=num_shards, ep_axis=ep, hidden_axes=hidden_axes,
+                       weight_vary_axes=vary, capacity_factor=capacity_factor,
+                       local_ffn=local_ffn)
   return jax.shard_map(
       body, mesh=mesh,
       in_specs=(tok, tok, tok, PartitionSpec(expert_axes, None, hid),
@@ -130,6 +154,115 @@ def _shard_body(*, num_shards: int, ep_axis, hidden_axes: tuple[str, ...],
     return y
 
   return body
+
+
+class RaggedPlan(NamedTuple):
+  """Offsets and sizes of one device's ragged exchange (jax.lax.ragged_all_to_all's terms)."""
+  input_offsets: jax.Array  # [n] int32: where the rows for shard r start in the send buffer
+  send_sizes: jax.Array  # [n] int32: rows for shard r
+  output_offsets: jax.Array  # [n] int32: where they land in shard r's receive buffer
+  recv_sizes: jax.Array  # [n] int32: rows arriving from shard s
+  recv_offsets: jax.Array  # [n] int32: where they land in this device's receive buffer
+  sent_from: jax.Array  # [n] int32: where shard s had them in its send buffer
+
+
+def ragged_plan(counts: jax.Array, transpose: Callable[[jax.Array], jax.Array]) -> RaggedPlan:
+  """The ragged exchange of rows sorted by destination, `counts` [n] per destination shard.
+
+  Receivers place what arrives contiguously in sender order. transpose(a [n]) returns, on
+  each device, entry `me` of every device's a (the tiled all-to-all over the expert axis).
+  """
+  counts = counts.astype(jnp.int32)
+  starts = jnp.cumsum(counts) - counts  # [n] exclusive prefix sums
+  recv_sizes = transpose(counts)
+  recv_offsets = jnp.cumsum(recv_sizes) - recv_sizes
+  return RaggedPlan(input_offsets=starts, send_sizes=counts,
+                    output_offsets=transpose(recv_offsets), recv_sizes=recv_sizes,
+                    recv_offsets=recv_offsets, sent_from=transpose(starts))
+
+
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
+                               recv_sizes, *, axis_name):
+  """jax.lax.ragged_all_to_all's result from the padded all-to-all (XLA:CPU lacks the former).
+
+  Each slice is padded to operand's length, exchanged, and written at its offset. For tests.
+  """
+  rows = operand.shape[0]
+  c = jnp.arange(rows, dtype=jnp.int32)
+  src = input_offsets[:, None] + c[None, :]  # [n, rows]
+  valid = c[None, :] < send_sizes[:, None]
+  padded = jnp.take(operand, jnp.where(valid, src, rows).reshape(-1), axis=0, mode="fill",
+                    fill_value=0)  # [n * rows, ...]
+  swap = lambda a: jax.lax.all_to_all(a, axis_name, 0, 0, tiled=True)
+  received = swap(padded)  # block s: what shard s sent here
+  where = swap(output_offsets)[:, None] + c[None, :]  # [n, rows]
+  where = jnp.where(c[None, :] < recv_sizes[:, None], where, output.shape[0])
+  return output.at[where.reshape(-1)].set(received, mode="drop")
+
+
+def _ragged_body(*, num_shards: int, ep_axis, hidden_axes: tuple[str, ...],
+                 weight_vary_axes: tuple[str, ...], local_ffn: LocalFFN,
+                 exchange: RaggedExchange):
+  """The per-device program of the dropless ragged exchange (module doc)."""
+
+  def body(x, expert_ids, combine_weights, w_gate, w_up, w_down):
+    # x [T_l, D]; expert_ids, combine_weights [T_l, K]; w_* hold this shard's E_l experts.
+    tokens, top_k = expert_ids.shape
+    local_experts = w_gate.shape[0]
+    n = tokens * top_k
+    asg = moe_slots.sort_assignments(expert_ids // local_experts, num_shards)
+    plan = ragged_plan(asg.counts,
+                       lambda a: jax.lax.all_to_all(a, ep_axis, 0, 0, tiled=True))
+    send = functools.partial(exchange, axis_name=ep_axis)
+    x_send = x[asg.order // top_k]  # [N, D] by destination shard, token order within
+    e_send = (expert_ids % local_experts).reshape(-1)[asg.order]  # [N]
+    capacity = num_shards * n  # every shard could send all of its assignments here
+    args = (plan.input_offsets, plan.send_sizes, plan.output_offsets, plan.recv_sizes)
+    # Receive buffers vary like what arrives (the exchange's result takes its buffer's type).
+    buffer = lambda shape, fill, dtype: _vary(jnp.full(shape, fill, dtype),
+                                              tuple(jax.typeof(x).mat.varying))
+    x_recv = send(x_send, buffer((capacity, x.shape[1]), 0, x.dtype), *args)
+    e_recv = send(e_send, buffer((capacity,), -1, jnp.int32), *args)
+    real = jnp.arange(capacity) < jnp.sum(plan.recv_sizes)
+    spread = jnp.arange(capacity, dtype=jnp.int32) % local_experts
+    x_recv, row_weight = _vary((x_recv, real.astype(x.dtype)[:, None]), hidden_axes)
+    w_gate, w_up, w_down = _vary((w_gate, w_up, w_down), weight_vary_axes)
+    y_recv = local_ffn(x_recv, jnp.where(real, e_recv, spread)[:, None], row_weight,
+                       w_gate, w_up, w_down)  # [capacity, D]
+    # Back to where each row was in its sender's send buffer.
+    y_sorted = send(y_recv, buffer((n, x.shape[1]), 0, y_recv.dtype), plan.recv_offsets,
+                    plan.recv_sizes, plan.sent_from, plan.send_sizes)  # [N, D]
+    position = (asg.starts[asg.expert] + asg.rank).reshape(tokens, top_k)
+    y = jnp.einsum("TKD,TK->TD", y_sorted[position], combine_weights.astype(x.dtype))
+    if hidden_axes:  # Each tensor shard holds a slice of F: partial sums.
+      y = jax.lax.psum(y, hidden_axes)
+    return y
+
+  return body
+
+
+def token_parallel_ffn(x, expert_ids, combine_weights, w_gate, w_up, w_down, *, mesh: Mesh,
+                       token_axes: Sequence[str], hidden_axes: Sequence[str],
+                       local_ffn: LocalFFN) -> jax.Array:
+  """expert_ffn's y [tokens, d_model] with every expert on every device, tokens split.
+
+  Args as expert_parallel_ffn; local_ffn runs once per token shard (module doc).
+  """
+  token_axes, hidden_axes = tuple(token_axes), tuple(hidden_axes)
+  tok = PartitionSpec(token_axes or None, None)
+  hid = hidden_axes or None
+
+  def body(x, expert_ids, combine_weights, w_gate, w_up, w_down):
+    x, combine_weights = _vary((x, combine_weights), hidden_axes)
+    w_gate, w_up, w_down = _vary((w_gate, w_up, w_down), token_axes)
+    y = local_ffn(x, expert_ids, combine_weights, w_gate, w_up, w_down)
+    return jax.lax.psum(y, hidden_axes) if hidden_axes else y
+
+  return jax.shard_map(
+      body, mesh=mesh,
+      in_specs=(tok, tok, tok, PartitionSpec(None, None, hid), PartitionSpec(None, None, hid),
+                PartitionSpec(None, hid, None)),
+      out_specs=tok)(x, expert_ids, combine_weights, w_gate, w_up, w_down)
 
 
 def _vary(arrays, axes: tuple[str, ...]):
