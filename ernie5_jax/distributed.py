@@ -23,6 +23,26 @@ _COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
 _TASK_COUNT_ENVS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
 
 
+def skip_absent_tpu(environ: Mapping[str, str] | None = None) -> str | None:
+  """On a host without TPU chips, keeps JAX from probing for one; returns the platforms set.
+
+  With libtpu installed (the test extra, for --mode=compile), JAX's start-up tries to open
+  a TPU on every host and libtpu logs errors on stderr where there is none ("could not
+  determine TPU accelerator type", "unexpected worker hostname"). Without TPU chips on the
+  PCI bus (jax's own check) the platforms are set to the others; an explicit JAX_PLATFORMS
+  or JAX_FORCE_TPU_INIT is left alone. Call before anything touches a device.
+  """
+  environ = os.environ if environ is None else environ
+  if environ.get("JAX_PLATFORMS") or "JAX_FORCE_TPU_INIT" in environ:
+    return None
+  from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+  if hardware_utils.num_available_tpu_chips_and_device_id()[0]:
+    return None
+  platforms = "cuda,cpu" if hardware_utils.has_visible_nvidia_gpu() else "cpu"
+  jax.config.update("jax_platforms", platforms)
+  return platforms
+
+
 def _field(dist_cfg: Any, name: str, default: Any) -> Any:
   return default if dist_cfg is None else dist_cfg.get(name, default)
 

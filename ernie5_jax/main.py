@@ -35,6 +35,13 @@ decode tokens/s; config.generate sets the sampling (same config rules as --mode=
 --mode=rl (ernie5_jax/rl/train.py) runs RL post-training from config.train.init_from (an
 SFT checkpoint: experiments/sft_digits.py, trained by the default --mode=train); running it
 again resumes.
+
+  python -m ernie5_jax.main --mode=compile --config=experiments/pod_tpu_v5p.py:L \
+      --topology=v5p:4x4x4 --workdir=/tmp/compile_L
+
+--mode=compile (ernie5_jax/aot/compile.py) compiles the train step and the KV-cache decode
+step of --config for --topology from this (CPU) host and prints per-chip HBM, FLOPs,
+collectives, Mosaic kernels and a roofline step time; compile_report.json goes to --workdir.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import logging as py_logging
+import os
 import runpy
 import sys
 
@@ -51,7 +59,7 @@ from ml_collections import config_flags
 
 from ernie5_jax import config as config_lib
 
-MODES = ("train", "eval", "export", "generate", "rl")
+MODES = ("train", "eval", "export", "generate", "rl", "compile")
 # config.trainer -> (the family's config module with validate(), its trainer module with
 # train_and_evaluate() and NonFiniteLossError); a config without `trainer` is "lm".
 FAMILIES = {"lm": ("ernie5_jax.config", "ernie5_jax.train.loop"),
@@ -67,6 +75,8 @@ flags.DEFINE_string("checkpoint", None, "--mode=eval/export: a training workdir,
 flags.DEFINE_string("submodel", None, "--mode=export: the elastic sub-model "
                     "'depth,experts,top_k' (model/elastic.py) of --checkpoint to write, as a "
                     "standalone model, into --workdir.")
+flags.DEFINE_string("topology", None, "--mode=compile: the target, e.g. 'v5p:4x4x4' (a TPU "
+                    "slice, compiled by libtpu) or 'h100:16' (GPUs, lowered); ernie5_jax/aot.")
 flags.mark_flags_as_required(["workdir"])  # --config: required by --mode=train (main).
 
 
@@ -174,10 +184,37 @@ def _run_generate() -> None:
     sys.exit(f"error: {type(e).__name__}: {e}")
 
 
+def _run_compile() -> None:
+  """--mode=compile: aot/compile.py run_compile of --config for --topology."""
+  if FLAGS.config is None or not FLAGS.topology:
+    sys.exit("error: --mode=compile needs --config=experiments/<name>.py and --topology "
+             "(e.g. v5p:2x2x2, v5e:4x4, h100:16)")
+  from ernie5_jax.aot import chips  # pylint: disable=g-import-not-at-top
+  try:
+    topology = chips.parse_topology(FLAGS.topology)
+    config_lib.validate(FLAGS.config)
+  except config_lib.ConfigError as e:
+    sys.exit(f"error: {e}")
+  if topology.chip.platform != "tpu":  # Lowering for GPUs: host devices stand in for them.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
+                               f"device_count={topology.num_devices}").strip()
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  from ernie5_jax.aot import compile as aot  # pylint: disable=g-import-not-at-top
+  try:
+    aot.run_compile(FLAGS.config, FLAGS.topology, FLAGS.workdir)
+  except (config_lib.ConfigError, aot.DoesNotFitError) as e:
+    sys.exit(f"error: {type(e).__name__}: {e}")
+
+
 def main(argv: list[str]) -> None:
   """Validates the config, then runs --mode."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from ernie5_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.skip_absent_tpu()  # Before anything touches a device.
+  if FLAGS.mode == "compile":
+    _run_compile()
+    return
   if FLAGS.mode == "eval":
     _run_eval()
     return
@@ -203,7 +240,6 @@ def main(argv: list[str]) -> None:
   # Imported here so that --help and config errors do not pay for TensorFlow's import
   # (clu's TensorBoard writer).
   import jax  # pylint: disable=g-import-not-at-top
-  from ernie5_jax import distributed  # pylint: disable=g-import-not-at-top
   # Multi-host runs (config.distributed or the launcher's environment): before anything
   # touches a device.
   distributed.maybe_initialize(FLAGS.config)

@@ -22,6 +22,7 @@ from ernie5_jax import config as config_lib
 from ernie5_jax.model.decoder import apply_variant
 
 GPUS = {"B": 16, "L": 32}  # Devices each variant's layout is planned for (2 and 4 nodes).
+TOPOLOGY = {v: f"h100:{n}" for v, n in GPUS.items()}  # --mode=compile lowers for these.
 _LAYOUT = {  # variant -> (mesh sizes, global batch, seq_len)
     "B": (dict(data=-1, fsdp=1, expert=8, tensor=1), 64, 4096),
     "L": (dict(data=-1, fsdp=1, expert=8, tensor=1), 128, 4096),
@@ -37,7 +38,8 @@ def get_config(arg: str = "L"):
   apply_variant(config.model, arg)
   config.model.update(dtype="bfloat16", param_dtype="float32", remat=True)
   config.mesh.update(mesh)
-  config.mesh.expert_capacity_factor = 2.0  # Bounded all-to-all buffers (0 = dropless).
+  # Dropless, as ERNIE 5.0: tokens travel by ragged all-to-all on GPUs.
+  config.mesh.expert_capacity_factor = 0.0
   config.data.update(source="digits_multimodal", global_batch_size=batch, seq_len=seq)
   # pylint: disable-next=g-import-not-at-top
   from ernie5_jax.input_pipeline.multimodal import vocabulary_layout

@@ -14,7 +14,10 @@ its rows of the global batch; orbax writes the sharded checkpoint from all hosts
 the checkpoint is restored onto the new mesh. data.source defaults to the embedded
 multimodal data (built on each host on first use); point it at a TFDS corpus with
 --config.data.source=tfds:NAME --config.data.data_dir=gs://... (text; same vocabulary).
-Per-chip memory of these layouts: benchmarks/memory_table.py.
+Compile it for the slice from any CPU host first (per-chip HBM, collectives, roofline):
+
+  python -m ernie5_jax.main --mode=compile --config=experiments/pod_tpu_v5p.py:L \
+    --topology=v5p:4x4x4 --workdir=workdirs/compile_L
 """
 
 from ernie5_jax import config as config_lib
@@ -22,6 +25,8 @@ from ernie5_jax.model.decoder import apply_variant
 
 # Chips (devices) of the slice each variant is laid out for; mesh sizes below multiply to it.
 SLICE_CHIPS = {"S": 8, "B": 32, "L": 64}
+# The slice as a --topology of --mode=compile (ernie5_jax/aot), which compiles the step for it.
+TOPOLOGY = {"S": "v5p:2x2x2", "B": "v5p:2x4x4", "L": "v5p:4x4x4"}
 _LAYOUT = {  # variant -> (mesh sizes, global batch, seq_len)
     "S": (dict(data=-1, fsdp=1, expert=4, tensor=1), 64, 2048),
     "B": (dict(data=-1, fsdp=2, expert=8, tensor=1), 128, 4096),
@@ -38,7 +43,9 @@ def get_config(arg: str = "B"):
   apply_variant(config.model, arg)
   config.model.update(dtype="bfloat16", param_dtype="float32", remat=arg != "S")
   config.mesh.update(mesh)
-  config.mesh.expert_capacity_factor = 2.0  # Bounded all-to-all buffers (0 = dropless).
+  # Dropless, as ERNIE 5.0: on TPU the tokens travel by ragged all-to-all (every variant
+  # compiles and fits its slice: benchmarks/results/pod_compile.json).
+  config.mesh.expert_capacity_factor = 0.0
   config.distributed.initialize = "always"
   config.data.update(source="digits_multimodal", global_batch_size=batch, seq_len=seq)
   # pylint: disable-next=g-import-not-at-top

@@ -18,6 +18,7 @@ from ernie5_jax import config as config_lib
 from ernie5_jax.model.decoder import apply_variant
 
 SLICE_CHIPS = 1024
+TOPOLOGY = "v5p:8x8x16"  # --mode=compile's --topology for the slice (ernie5_jax/aot).
 
 
 def get_config():

@@ -1,8 +1,10 @@
 """What a compiled program does per step, read off its HLO text: collectives and kernels.
 
 Ops inside a while loop (the scanned layer stack) run once per iteration: every count
-and byte figure here is weighted by the trip counts XLA proved (`known_trip_count`) on
-the path from the entry computation, so the figures are per step, not per HLO line.
+and byte figure here is weighted by the trip counts on the path from the entry
+computation, so the figures are per step, not per HLO line. A trip count is XLA's
+`known_trip_count` where the backend config carries it, else read off the loop condition
+(`ROOT compare(i, constant(N)), direction=LT`, a scan's counter from 0), else 1.
 A collective's bytes are its largest result buffer (the gathered, reduced or exchanged
 array; async `-start` ops return (operand, result) tuples).
 """
@@ -25,6 +27,8 @@ _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)
 _CALLEE = re.compile(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r"known_trip_count[^0-9]*(\d+)")
+_CONDITION = re.compile(r"condition=%?([\w.\-]+)")
+_CONSTANT = re.compile(r"^\s*%?([\w.\-]+)\s*=\s*s32\[\][^=]*constant\((\d+)\)")
 _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
 
 
@@ -61,6 +65,21 @@ def summarize(hlo_text: str) -> HloSummary:
   if entry is None:
     raise ValueError("no ENTRY computation in the HLO text: expected compiled.as_text()")
 
+  def trip_count(line: str) -> int:
+    known = _TRIP.search(line)
+    if known:
+      return int(known.group(1))
+    condition = _CONDITION.search(line)
+    lines = bodies.get(condition.group(1), []) if condition else []
+    constants = dict(m.groups() for m in map(_CONSTANT.match, lines) if m)
+    for cond_line in lines:
+      if "ROOT" in cond_line and "compare(" in cond_line and "direction=LT" in cond_line:
+        operands = re.findall(r"%([\w.\-]+)", cond_line.split("compare(", 1)[1].split(")")[0])
+        bounds = [int(constants[o]) for o in operands if o in constants]
+        if len(bounds) == 1:
+          return bounds[0]
+    return 1
+
   totals: dict[str, dict[str, float]] = collections.defaultdict(lambda: {"count": 0, "bytes": 0})
   mosaic = {"lines": 0, "calls": 0}
   static_seen: set[tuple[str, int]] = set()
@@ -82,8 +101,7 @@ def summarize(hlo_text: str) -> HloSummary:
         if (name, i) not in static_seen:
           static_seen.add((name, i))
           mosaic["lines"] += 1
-      trips = _TRIP.search(line)
-      inner = weight * int(trips.group(1)) if op == "while" and trips else weight
+      inner = weight * trip_count(line) if op == "while" else weight
       callees = _CALLEE.findall(line)
       for group in _BRANCHES.findall(line):
         callees += [c.strip().lstrip("%") for c in group.split(",")]

@@ -228,3 +228,70 @@ def test_mesh_errors_name_the_axis_and_sizes():
   with pytest.raises(config_lib.ConfigError, match=r"global_batch_size=12 is not accepted: "
                      r"expected a multiple of 8, the batch shards \(data=8"):
     sharding.batch_sharding(sharding.make_layout(tiny_config()), 12)
+
+
+# --- the Pallas kernels under sharded meshes (interpret mode on CPU) ---------------------
+# Mosaic/Triton kernels cannot be partitioned by XLA: they run inside shard_map, attention
+# per batch rows and heads, the grouped matmul per expert shard (mixed: experts split over
+# 'expert', tokens exchanged) or per token shard (data x tensor: every expert on every
+# device, F split over 'tensor' and summed).
+PALLAS_MESHES = {"mixed": MESHES["mixed"], "data_tensor": dict(tensor=2)}
+
+
+@pytest.mark.parametrize("name", list(PALLAS_MESHES))
+def test_pallas_backends_on_mesh_match_single_device(reference, name):
+  config = tiny_config(**PALLAS_MESHES[name])
+  config.model.update(attention="pallas", moe_dispatch="pallas")
+  layout = sharding.make_layout(config)
+  ref_initial, ref_metrics, ref_state = reference  # one device, the XLA paths
+  _, metrics, state = _train(config, layout, ref_initial)
+  for got, want in zip(metrics, ref_metrics):
+    for key in ("loss", "grad_norm", "router/load_imbalance"):
+      np.testing.assert_allclose(got[key], want[key], rtol=5e-5, err_msg=f"{name}: {key}")
+  assert _max_diff(state.params, ref_state.params) < 2e-5, name
+  assert _max_diff(state.rest, ref_state.rest) < 2e-5, name
+
+
+def test_ragged_exchange_matches_gather_dispatch():
+  # The dropless exchange of TPU/GPU (jax.lax.ragged_all_to_all), here with the emulated
+  # collective of the same semantics: outputs and gradients equal the one-device dispatch,
+  # over data x expert x tensor = 2 x 2 x 2 and over expert = 8 (one expert per shard, so
+  # some slices are empty).
+  x, ids, weights, (wg, wu, wd) = _ep_inputs()
+
+  def loss(ffn, x, weights, wg, wu, wd):
+    y = ffn(x, ids, weights, wg, wu, wd)
+    return jnp.sum(jnp.sin(y)), y
+
+  gather = lambda *a: moe_dispatch.expert_ffn(*a, backend="gather")
+  grad = jax.value_and_grad(loss, argnums=(1, 2, 3, 4, 5), has_aux=True)
+  (_, want), want_grads = jax.jit(functools.partial(grad, gather), **FAST_COMPILE)(
+      x, weights, wg, wu, wd)
+  for mesh in (dict(expert=2, tensor=2), dict(expert=8)):
+    layout = sharding.make_layout(tiny_config(**mesh))
+    local = functools.partial(moe_dispatch._single_device_ffn, backend="gather",  # pylint: disable=protected-access
+                              capacity_factor=1.0)
+    ragged = functools.partial(
+        moe_expert_parallel.expert_parallel_ffn, mesh=layout.mesh,
+        token_axes=layout.axes("batch"), expert_axes=layout.axes("expert"),
+        hidden_axes=[a for a in layout.axes("expert_mlp") if a not in layout.axes("batch")],
+        capacity_factor=0.0, local_ffn=local,
+        ragged_exchange=moe_expert_parallel.emulated_ragged_all_to_all)
+    (_, got), got_grads = jax.jit(functools.partial(grad, ragged), **FAST_COMPILE)(
+        x, weights, wg, wu, wd)
+    np.testing.assert_allclose(got, want, atol=2e-6, err_msg=str(mesh))
+    assert _max_diff(got_grads, want_grads) < 1e-5, mesh
+
+
+def test_sharded_train_step_lowers_for_cuda_with_triton_kernels():
+  # What --mode=compile --topology=h100:8 does on a CPU host: the sharded step with the
+  # Pallas backends lowered for CUDA (Triton bodies), experts exchanged by the ragged
+  # all-to-all.
+  from ernie5_jax.aot import compile as aot  # pylint: disable=g-import-not-at-top
+  config = tiny_config(**MESHES["mixed"])
+  config.model.update(attention="auto", moe_dispatch="auto")
+  report = aot.compile_for_topology(config, "h100:8", programs=("train_step",))
+  train, = report["programs"]
+  assert report["platform"] == "cuda" and train["memory"] is None
+  assert train["kernels"]["triton"] >= 6 and train["kernels"]["mosaic"] == 0, train["kernels"]
+  assert "ragged-all-to-all" in train["collectives"], train["collectives"]
