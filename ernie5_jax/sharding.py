@@ -30,6 +30,7 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ernie5_jax.config import MESH_AXES, ConfigError, mesh_rule_axes
@@ -101,9 +102,15 @@ def make_layout(config: ml_collections.ConfigDict,
   """
   devices = jax.devices() if devices is None else list(devices)
   sizes = mesh_shape(config.mesh, len(devices))
-  mesh = jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  try:
+    mesh = jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+  except NotImplementedError:
+    # A mesh axis no product of torus axes equals (expert = 8 on a v5p 4x4x4 torus, found by
+    # --mode=compile): split a physical axis over two mesh axes instead of failing.
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    mesh = Mesh(grid, MESH_AXES, axis_types=auto)
   return _layout(config, mesh, platform or devices[0].platform)
 
 

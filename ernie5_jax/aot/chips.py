@@ -88,6 +88,9 @@ def tpu_devices(topology: Topology) -> list:
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{topology.name.split(':')[0]}-8")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("TPU_WORKER_ID", "0")
+  # No chip is opened: several such processes (pytest workers, a benchmark) may load libtpu
+  # at once, which its lock file would refuse.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
     desc = topologies.get_topology_desc(

@@ -110,6 +110,8 @@ def _per_device(kernel, layout: sharding.Layout, q, k, v, segment_ids, group_ids
   Rows split over the 'batch' rule's mesh axes and heads over the 'q_heads' ones, where
   they divide (else that dimension is whole on every device: gathered first). K/V heads
   split like the query heads: query head h of a device reads its kv head h // groups.
+  check_vma=False, as in ops/moe_expert_parallel.py: the Pallas interpreter (CPU) does not
+  track varying mesh axes.
   """
   batch, _, heads, _ = q.shape
   rows = layout.axes(sharding.BATCH)
@@ -123,4 +125,4 @@ def _per_device(kernel, layout: sharding.Layout, q, k, v, segment_ids, group_ids
   qkv = PartitionSpec(row_spec, None, head_spec, None)  # [batch, seq, heads, head_dim]
   ids = PartitionSpec(row_spec, None)  # [batch, seq]
   return jax.shard_map(kernel, mesh=layout.mesh, in_specs=(qkv, qkv, qkv, ids, ids),
-                       out_specs=qkv)(q, k, v, segment_ids, group_ids)
+                       out_specs=qkv, check_vma=False)(q, k, v, segment_ids, group_ids)
