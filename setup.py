@@ -29,5 +29,8 @@ setuptools.setup(
     package_data={"ernie5_jax.input_pipeline.tokenizers": ["assets/*.model"]},
     extras_require={"test": ["pytest>=8", "pytest-xdist>=3",
                              # The notebooks run in CI (tests/test_notebooks.py).
-                             "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6"]},
+                             "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6",
+                             # libtpu, the TPU compiler, at the version this jax pins: CPU
+                             # hosts compile for TPU topologies (--mode=compile, tests/aot).
+                             "jax[tpu]"]},
 )

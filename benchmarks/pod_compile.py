@@ -1,10 +1,11 @@
-"""Compile every pod experiment for its TPU topology from this CPU host; compare with the formula.
+"""Compile every pod experiment for its TPU topology from this CPU host: per-chip HBM, roofline.
 
-For each row of benchmarks/memory_table.py that targets a TPU slice, the real train step
-(and the KV-cache decode step) is compiled by libtpu for the experiment's topology
-(ernie5_jax/aot, what `--mode=compile` runs) and the compiler's per-chip HBM peak is put
-beside the hand formula's total (memory_table.memory_row), with the formula's error. The
-GPU rows are lowered for CUDA (no memory figures without a GPU compiler).
+For every pod experiment (pod_tpu_v5p.py S, B, L, ultra_1t.py, gpu_cluster.py B, L) the
+real train step and the KV-cache decode step are compiled by libtpu for the experiment's
+TOPOLOGY (ernie5_jax/aot, what `--mode=compile` runs): per-chip HBM by kind, model FLOPs,
+roofline, collectives per step and kernels. The GPU rows are lowered for CUDA (kernels and
+collectives of the lowered program) and, for their per-device HBM, compiled for as many
+TPU v5p chips with the same mesh (V5P_SHAPES).
 
 Each run compiles in its own process (libtpu keeps memory between compiles) and writes
 benchmarks/results/pod_compile/<run>.json; finished runs are skipped, so an interrupted
@@ -30,12 +31,15 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from benchmarks import memory_table  # noqa: E402
 from benchmarks.common import RESULTS, write_json  # noqa: E402
 from ernie5_jax.aot import chips  # noqa: E402
 
 GIB = 2**30
 OUT = RESULTS / "pod_compile"
+# v5p slice shapes by chip count: the GPU rows' per-device HBM is read off the same program
+# compiled for as many v5p chips with the same mesh (XLA:GPU's buffer assignment differs
+# somewhat; the per-device shapes are the same).
+V5P_SHAPES = {8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4"}
 
 
 def planned() -> dict[str, tuple[str, str | None, str]]:
@@ -61,49 +65,44 @@ def compile_one(name: str, layers: int | None) -> dict:
     config.model.num_dense_layers = min(config.model.num_dense_layers, layers - 1)
   start = time.perf_counter()
   report = aot.compile_for_topology(config, topology)
+  print(aot.format_report(report))
   record = {"run": name, "config": f"experiments/{experiment}" + (f":{arg}" if arg else ""),
             "topology": topology, "layers_compiled": config.model.num_layers,
-            "layers_full": full_layers, "wall_seconds": time.perf_counter() - start,
-            "report": report}
-  print(aot.format_report(report))
+            "layers_full": full_layers, "report": report}
+  target = chips.parse_topology(topology)
+  if target.chip.platform != "tpu":  # No GPU compiler here: the same program on v5p chips.
+    proxy = f"v5p:{V5P_SHAPES[target.num_devices]}"
+    record["proxy_topology"] = proxy
+    record["proxy_report"] = aot.compile_for_topology(config, proxy)
+    print(aot.format_report(record["proxy_report"]))
+  record["wall_seconds"] = time.perf_counter() - start
   return record
 
 
-def formula_gib(name: str) -> float | None:
-  """memory_table's total GiB per device for the run (the hand formula)."""
-  experiment, arg, topology = planned()[name]
-  devices = chips.parse_topology(topology).num_devices
-  row = memory_table.memory_row(name, experiment, arg, devices)
-  return row["total_gib"]
-
-
 def table(records: list[dict]) -> str:
-  """Markdown table: compiler peak vs formula, per chip, and the step figures."""
-  head = ("| run | topology | layers compiled | train HBM peak GiB (args / temps) | formula GiB "
-          "| formula error | train FLOPs model / compiled (T per chip) | roofline ms | MFU bound | "
-          "collectives per step | Mosaic kernels | decode HBM GiB | compile s |")
-  lines = [head, "|" + "---|" * 13]
+  """Markdown table, per chip: the compiler's HBM by kind, FLOPs, roofline, collectives, kernels."""
+  head = ("| run | topology | layers compiled | train HBM peak GiB (arguments / temporaries) | "
+          "model TFLOP per chip per step | roofline step ms | MFU bound | collectives per "
+          "step (all-gather, all-reduce, all-to-all, ragged all-to-all) | kernels | decode "
+          "HBM GiB | compile s |")
+  lines = [head, "|" + "---|" * 11]
   for r in records:
-    progs = {p["program"]: p for p in r["report"]["programs"]}
-    t, d = progs["train_step"], progs.get("decode_step")
-    coll = ", ".join(f"{k} {v['count']:g}" for k, v in sorted(t["collectives"].items()))
-    if t["memory"]:
-      m = t["memory"]
-      peak = m["peak"] / GIB
-      err = (r["formula_gib"] - peak) / peak
-      lines.append(
-          f"| {r['run']} | {r['topology']} | {r['layers_compiled']} of {r['layers_full']} | "
-          f"{peak:.2f} ({m['arguments'] / GIB:.2f} / {m['temporaries'] / GIB:.2f}) | "
-          f"{r['formula_gib']:.2f} | {100 * err:+.0f}% | {t['model_flops'] / 1e12:.2f} / "
-          f"{t['compiled_flops'] / 1e12:.2f} | {1e3 * t['roofline_seconds']:.1f} | "
-          f"{100 * t['mfu_bound']:.0f}% | {coll} | {t['kernels']['mosaic_kernels']} | "
-          f"{d['memory']['peak'] / GIB:.2f} | {t['compile_seconds'] + d['compile_seconds']:.0f} |")
-    else:
-      kernels = ", ".join(f"{k} {v}" for k, v in t["kernels"].items())
-      lines.append(f"| {r['run']} | {r['topology']} | {r['layers_compiled']} of "
-                   f"{r['layers_full']} | lowered only | {r['formula_gib']:.2f} | | "
-                   f"{t['model_flops'] / 1e12:.2f} / - | | | {coll} | {kernels} | | "
-                   f"{t['compile_seconds']:.0f} |")
+    memory_report = r.get("proxy_report", r["report"])  # GPU rows: the v5p proxy compile
+    progs = {p["program"]: p for p in memory_report["programs"]}
+    lowered = {p["program"]: p for p in r["report"]["programs"]}
+    t, d, lt = progs["train_step"], progs["decode_step"], lowered["train_step"]
+    coll = ", ".join(f"{lt['collectives'].get(k, {}).get('count', 0):g}" for k in
+                     ("all-gather", "all-reduce", "all-to-all", "ragged-all-to-all"))
+    m = t["memory"]
+    kernels = ", ".join(f"{v} {k.split('_')[0]}" for k, v in lt["kernels"].items()
+                        if k != "mosaic_calls" and v)
+    where = r["topology"] + (f" (HBM: {r['proxy_topology']})" if "proxy_topology" in r else "")
+    lines.append(
+        f"| {r['run']} | {where} | {r['layers_compiled']} of {r['layers_full']} | "
+        f"{m['peak'] / GIB:.2f} ({m['arguments'] / GIB:.2f} / {m['temporaries'] / GIB:.2f}) | "
+        f"{t['model_flops'] / 1e12:.2f} | {1e3 * t['roofline_seconds']:.1f} | "
+        f"{100 * t['mfu_bound']:.0f}% | {coll} | {kernels} | {d['memory']['peak'] / GIB:.2f} | "
+        f"{t['compile_seconds'] + d['compile_seconds']:.0f} |")
   return "\n".join(lines)
 
 
@@ -119,7 +118,6 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if args.child:
     record = compile_one(args.child, args.layers)
-    record["formula_gib"] = formula_gib(args.child)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{args.child}.json").write_text(json.dumps(record, indent=1))
     return 0

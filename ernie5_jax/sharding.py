@@ -269,11 +269,3 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return x
   spec = logical_to_spec(names, x.shape, layout, what="activation", strict=False)
   return jax.lax.with_sharding_constraint(x, NamedSharding(layout.mesh, spec))
-
-
-def bytes_per_device(tree: Any, shardings: Any) -> int:
-  """Bytes one device holds of `tree` (arrays or ShapeDtypeStructs) placed per `shardings`."""
-  total = 0
-  for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
-    total += math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
-  return total

@@ -14,7 +14,8 @@ Without SLURM, start one process per node (it sees its 8 GPUs) with the coordina
 
 Mesh: expert = 8 inside a node (the token all-to-all stays on NVLink), data = -1 across
 nodes (gradients all-reduced over the network); GPUS sets the device count the layout
-is planned for (benchmarks/memory_table.py). --workdir must be a filesystem every
+is planned for (--mode=compile --topology=h100:N lowers the step for it; per-device HBM:
+benchmarks/pod_compile.py). --workdir must be a filesystem every
 process sees (orbax writes one checkpoint from all of them).
 """
 

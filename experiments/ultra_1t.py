@@ -10,8 +10,9 @@ over fsdp x expert = 1024 ways on its embed dimension (ZeRO-3), experts' embed o
 fsdp = 16; the batch (2048 x 4096 tokens) over all 1024 chips. float32 master weights and
 AdamW moments, bfloat16 compute, every block rematerialised, expert all-to-all buffers
 capped at 1.25x the balanced load (assignments past it are dropped; aux-loss-free
-balancing keeps the loads near the mean). Per-chip memory: benchmarks/memory_table.py
-(~95 GiB of HBM per v5p chip).
+balancing keeps the loads near the mean; the dropless exchange's worst-case receive buffer,
+64 shards x 8192 tokens x top-8 rows of 7168, would be ~60 GB per buffer). Per-chip HBM
+from the compiler: benchmarks/pod_compile.py (95 GiB of HBM per v5p chip).
 """
 
 from ernie5_jax import config as config_lib

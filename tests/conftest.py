@@ -1,12 +1,19 @@
 """Fixtures shared by more than one test folder."""
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
-from flax import nnx
+import os
 
-from ernie5_jax.model import Decoder
+# The suite runs on the CPU: with libtpu installed (the test extra), JAX would otherwise probe
+# for a TPU at start-up and libtpu would log errors (main.py does the same per host:
+# distributed.skip_absent_tpu). TPU compiles use abstract topologies (tests/aot), unaffected.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+import pytest  # pylint: disable=g-import-not-at-top
+from flax import nnx  # pylint: disable=g-import-not-at-top
+
+from ernie5_jax.model import Decoder  # pylint: disable=g-import-not-at-top
 
 
 def _numpy_decoder(model_config, seed: int = 0, scale: float = 0.1) -> Decoder:

@@ -13,10 +13,12 @@ has kernels and collectives of the lowered program but no memory or cost figures
 
 Per program and per chip the report gives: HBM by kind (arguments, outputs, temporaries;
 donated buffers counted once) and whether the peak fits the chip; model FLOPs
-(model/flops.py) against the compiler's; collectives by kind with bytes per step
-(aot/hlo.py); the Mosaic kernels (so interpret mode cannot slip in); a roofline step time,
-max(FLOPs / peak, HBM bytes / HBM bandwidth, collective bytes / link bandwidth), and the
-MFU bound it implies; the compile time. A program that does not fit raises
+(model/flops.py) beside XLA's cost analysis (FLOPs and HBM bytes; it counts a while body,
+i.e. the scanned layer stack, once, so for scanned models it is a per-layer-stack figure,
+not a per-step one); collectives by kind with bytes per step (aot/hlo.py, loop trip counts
+applied); the Mosaic kernels (so interpret mode cannot slip in); a roofline step time,
+max(FLOPs / peak, HBM bytes / HBM bandwidth, collective bytes / link bandwidth) with the
+larger of the two FLOP counts, and the MFU bound it implies; the compile time. A program that does not fit raises
 DoesNotFitError naming the config fields to change.
 """
 
@@ -64,7 +66,7 @@ class ProgramReport:
   collectives: dict[str, dict[str, float]]
   kernels: dict[str, int]
   memory: dict[str, float] | None = None  # bytes: arguments, outputs, temporaries, aliased, peak
-  compiled_flops: float | None = None
+  xla_flops: float | None = None
   bytes_accessed: float | None = None
   roofline_seconds: float | None = None
   mfu_bound: float | None = None
@@ -146,16 +148,16 @@ def _report_compiled(name, compiled, seconds, model_flops, chip: chips.Chip) -> 
                     + memory["temporaries"] + memory["code"])
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost or {}
-  compiled_flops = float(cost.get("flops", 0.0))
+  xla_flops = float(cost.get("flops", 0.0))
   accessed = float(cost.get("bytes accessed", 0.0))
   link_bytes = sum(c["bytes"] for c in summary.collectives.values())
-  roofline = max(max(compiled_flops, model_flops) / chip.peak_flops,
+  roofline = max(max(xla_flops, model_flops) / chip.peak_flops,
                  accessed / chip.hbm_bytes_per_sec, link_bytes / chip.link_bytes_per_sec)
   return ProgramReport(
       program=name, compile_seconds=seconds, model_flops=model_flops,
       collectives=summary.collectives,
       kernels={"mosaic_kernels": summary.mosaic_kernels, "mosaic_calls": summary.mosaic_calls},
-      memory=memory, compiled_flops=compiled_flops, bytes_accessed=accessed,
+      memory=memory, xla_flops=xla_flops, bytes_accessed=accessed,
       roofline_seconds=roofline,
       mfu_bound=model_flops / (roofline * chip.peak_flops) if roofline else None,
       fits=memory["peak"] <= chip.hbm_bytes)
@@ -242,9 +244,9 @@ def format_report(report: dict[str, Any]) -> str:
       lines.append(f"    HBM per chip: {m['peak']:.2f} GiB peak ({'fits' if p['fits'] else 'DOES NOT FIT'}"
                    f"): arguments {m['arguments']:.2f}, outputs {m['outputs']:.2f} "
                    f"(aliased {m['aliased']:.2f}), temporaries {m['temporaries']:.2f}")
-      lines.append(f"    FLOPs per chip: model {p['model_flops'] / 1e12:.3f} T, compiled "
-                   f"{p['compiled_flops'] / 1e12:.3f} T; HBM traffic "
-                   f"{p['bytes_accessed'] / GIB:.2f} GiB")
+      lines.append(f"    FLOPs per chip: model {p['model_flops'] / 1e12:.3f} T; XLA cost analysis "
+                   f"{p['xla_flops'] / 1e12:.3f} T and {p['bytes_accessed'] / GIB:.2f} GiB "
+                   "of HBM traffic (a loop body counted once)")
       lines.append(f"    roofline step {1e3 * p['roofline_seconds']:.2f} ms -> MFU bound "
                    f"{100 * p['mfu_bound']:.1f}%")
     else:

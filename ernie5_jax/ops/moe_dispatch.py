@@ -41,7 +41,9 @@ def expert_ffn(x, expert_ids, combine_weights, w_gate, w_up, w_down, *,
 
   Args:
     x: [tokens, d_model] activations.
-    expert_ids: [tokens, top_k] int expert choices in [0, E).
+    expert_ids: [tokens, top_k] int expert choices in [0, E); E (with combine weight 0) is
+      "no expert": the row costs no expert FLOPs on the grouped backends and gives 0
+      (the unused tail of the ragged exchange's buffer, ops/moe_expert_parallel.py).
     combine_weights: [tokens, top_k] combine weights.
     w_gate, w_up: [E, d_model, expert_hidden]; w_down: [E, expert_hidden, d_model].
     backend: one of config.MOE_DISPATCH_BACKENDS ("auto" picks per platform).

@@ -22,9 +22,10 @@ are sums over the global batch already.
 Dropless on TPU/GPU (ops/backend.ragged_exchange): steps 1-2 and 4 use
 `jax.lax.ragged_all_to_all` instead (the exchange MaxText uses): each device sends exactly
 its rows for each shard, sorted by destination, and the receivers place them contiguously
-in sender order (`ragged_plan` computes the offsets with two small all-to-alls). Only real
-rows travel; the receive buffer still has room for the worst case (n * T_l * K rows, as
-the padded dropless exchange), and the local experts run on it, padding rows included.
+in sender order (`ragged_plan` computes the offsets with three small all-to-alls). Only
+real rows travel; the receive buffer still has room for the worst case (n * T_l * K rows,
+as the padded dropless exchange), but its unused tail is assigned to no expert, so the
+grouped matmul skips it.
 XLA:CPU has no ragged all-to-all (jax 0.10.2), so the CPU tests run this path with
 `emulated_ragged_all_to_all` (same semantics, built from the padded all-to-all) against the
 single-device dispatch, and the TPU compile (ernie5_jax/aot) checks the real collective.
@@ -218,9 +219,11 @@ def _ragged_body(*, num_shards: int, ep_axis, hidden_axes: tuple[str, ...],
     args = (plan.input_offsets, plan.send_sizes, plan.output_offsets, plan.recv_sizes)
     x_recv = send(x_send, jnp.zeros((capacity, x.shape[1]), x.dtype), *args)
     e_recv = send(e_send, jnp.full((capacity,), -1, jnp.int32), *args)
+    # Real rows are a prefix of the buffer. The rest get expert id E_l ("no expert"): the
+    # single-device dispatch sorts them past every group (the grouped matmul only writes
+    # zeros there), so the worst-case buffer costs memory, not expert FLOPs.
     real = jnp.arange(capacity) < jnp.sum(plan.recv_sizes)
-    spread = jnp.arange(capacity, dtype=jnp.int32) % local_experts
-    y_recv = local_ffn(x_recv, jnp.where(real, e_recv, spread)[:, None],
+    y_recv = local_ffn(x_recv, jnp.where(real, e_recv, local_experts)[:, None],
                        real.astype(x.dtype)[:, None], w_gate, w_up, w_down)  # [capacity, D]
     # Back to where each row was in its sender's send buffer.
     y_sorted = send(y_recv, jnp.zeros((n, x.shape[1]), y_recv.dtype), plan.recv_offsets,

@@ -205,3 +205,22 @@ def test_bad_arguments_raise_value_error_naming_them(params, change, match):
   kwargs.update(change)
   with pytest.raises(ValueError, match=match):
     expert_ffn(**kwargs)
+
+
+@pytest.mark.parametrize("backend", ["gather", "ragged_dot"])
+def test_expert_id_e_is_no_expert(params, reference, backend_fns, backend):
+  # The ragged expert-parallel exchange marks its unused buffer tail with id E, weight 0:
+  # those rows give 0 and no gradient; the others are unchanged.
+  x, combine_weights, w_gate, w_up, w_down, cotangent = params
+  real = jnp.arange(T)[:, None] < T - 8
+  ids = jnp.asarray(ROUTINGS["random_with_empty_expert"], jnp.int32)
+  weights = jnp.where(real, combine_weights, 0.0)
+  (_, y), grads = backend_fns[backend](x, jnp.where(real, ids, E), weights, w_gate, w_up,
+                                       w_down, cotangent)
+  (_, y_ref), grads_ref = reference(x, jnp.where(real, ids, 0), weights, w_gate, w_up, w_down,
+                                    cotangent)
+  _assert_close(y, y_ref, f"{backend}: y")
+  assert float(jnp.max(jnp.abs(y[T - 8:]))) == 0.0
+  for name, g, g_ref in zip(("x", "w_gate", "w_up", "w_down"), grads[:1] + grads[2:],
+                            grads_ref[:1] + grads_ref[2:]):
+    _assert_close(g, g_ref, f"{backend}: d/d{name}")
