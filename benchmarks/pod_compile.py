@@ -91,7 +91,9 @@ def table(records: list[dict]) -> str:
     progs = {p["program"]: p for p in memory_report["programs"]}
     lowered = {p["program"]: p for p in r["report"]["programs"]}
     t, d, lt = progs["train_step"], progs["decode_step"], lowered["train_step"]
-    coll = ", ".join(f"{lt['collectives'].get(k, {}).get('count', 0):g}" for k in
+    # Collectives of the compiled program (GPU rows: the proxy's; the lowered CUDA program
+    # holds only shard_map's explicit ones, GSPMD adds the rest when it compiles).
+    coll = ", ".join(f"{t['collectives'].get(k, {}).get('count', 0):g}" for k in
                      ("all-gather", "all-reduce", "all-to-all", "ragged-all-to-all"))
     m = t["memory"]
     kernels = ", ".join(f"{v} {k.split('_')[0]}" for k, v in lt["kernels"].items()
