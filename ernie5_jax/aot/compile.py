@@ -40,9 +40,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ernie5_jax import config as config_lib
 from ernie5_jax import input_pipeline, sharding
 from ernie5_jax.aot import chips, hlo
-from ernie5_jax.generate import cache as cache_lib
 from ernie5_jax.generate import decode
 from ernie5_jax.model import flops
+from ernie5_jax.model import kv_cache as cache_lib
 from ernie5_jax.train import optimizer
 from ernie5_jax.train import state as state_lib
 from ernie5_jax.train import step as step_lib
@@ -123,8 +123,9 @@ def _decode_program(config, layout):
 
   def decode_step(params, rest, cache, inputs):
     model = nnx.merge(graphdef, params, rest)
-    hidden, cache, _ = decode.forward_cached(model, cache, inputs)
-    return model.logits(hidden), cache  # [rows, 1, vocab] float32
+    logits, aux = model(inputs.tokens, inputs.positions, inputs.segment_ids, inputs.group_ids,
+                        inputs.audio_codes, cache=cache)
+    return logits, aux["cache"]  # [rows, 1, vocab] float32
 
   return jax.jit(decode_step, donate_argnames=("cache",)), (params, rest, cache, inputs)
 

@@ -45,7 +45,6 @@ from ernie5_jax import config as config_lib
 from ernie5_jax import input_pipeline
 from ernie5_jax.eval import routing as routing_lib
 from ernie5_jax.model import elastic
-from ernie5_jax.model.router import routing_probs, router_scores
 from ernie5_jax.train import checkpoint
 from ernie5_jax.train import objective
 
@@ -154,54 +153,22 @@ def decode_tokens_per_second(config: ml_collections.ConfigDict, model: nnx.Modul
   return float(speed), how
 
 
-def _stack_blocks(stack) -> list[nnx.Module]:
-  """The blocks of a BlockStack as separate modules (scanned stacks: sliced on 'layers')."""
-  if not stack.scan:
-    return list(stack.layers)
-  graphdef, state = nnx.split(stack.layers)
-  num = jax.tree.leaves(state)[0].shape[0]
-  return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(num)]
-
-
 def make_routing_records(model: nnx.Module):
-  """Jitted batch -> per-token routing of the full model's MoE layers.
+  """Jitted batch -> the full model's routing, from its own forward pass (Decoder aux).
 
   Returns {"expert_ids" [L, T, K] int32, "token_entropy" [L, T] (normalised routing
-  entropy per token), "expert_load" [L, E] (recomputed), "model_load" [L, E] (the
-  blocks' own statistics)}. Runs the decoder block by block (the same modules and calls
-  as Decoder.hidden_states), re-running each MoE block's router on its input (the
-  block's normed hidden state); model_load == expert_load checks that the replay
-  routes exactly as the model does.
+  entropy per token)}, T = batch * seq tokens; {} for a model without MoE layers.
   """
   graphdef, state = nnx.split(model)
 
   @jax.jit
   def records(state, batch):
-    m = nnx.merge(graphdef, state)
-    seg, grp = batch["segment_ids"], batch["group_ids"]
-    x = m.embed(batch["tokens"])  # [batch, seq, embed]
-    if m.audio is not None and batch.get("audio_codes") is not None:
-      x = x + m.audio.input_sum(batch["audio_codes"])
-    angles = m.rope_angles(batch["positions"])
-    if m.dense_layers is not None:
-      x, _ = m.dense_layers(x, angles, seg, grp)
-    out = {"expert_ids": [], "token_entropy": [], "expert_load": [], "model_load": []}
-    for block in (_stack_blocks(m.moe_layers) if m.moe_layers is not None else []):
-      h = x + block.attn(block.attn_norm(x), angles, seg, grp)  # Block.__call__'s first half.
-      normed = block.ffn_norm(h).astype(block.ffn.dtype)
-      router = block.ffn.router
-      logits = router.logits(normed.reshape(-1, normed.shape[-1]))  # [tokens, experts]
-      routed = router.route(logits, router.top_k)
-      probs = routing_probs(router_scores(logits, router.score), router.score)
-      entropy = jnp.sum(jax.scipy.special.entr(probs), -1) / jnp.log(probs.shape[-1])
-      x, stats = block(x, angles, seg, grp)
-      out["expert_ids"].append(routed.expert_ids)
-      out["token_entropy"].append(entropy)
-      out["expert_load"].append(routed.expert_load)
-      out["model_load"].append(stats["expert_load"])
-    if not out["expert_ids"]:
+    _, aux = nnx.merge(graphdef, state).hidden_states(**batch)
+    ids, entropy = aux["expert_ids"], aux["token_entropy"]  # [L, batch, seq, K], [L, batch, seq]
+    if ids.shape[0] == 0:
       return {}
-    return {k: jnp.stack(v) for k, v in out.items()}
+    return {"expert_ids": ids.reshape(ids.shape[0], -1, ids.shape[-1]),
+            "token_entropy": entropy.reshape(entropy.shape[0], -1)}
 
   return lambda batch: jax.device_get(records(state, _model_inputs(batch)))
 
@@ -215,11 +182,6 @@ def analyse_routing(model: nnx.Module, config: ml_collections.ConfigDict,
     r = record(batch)
     if not r:
       return None
-    if not np.array_equal(r["expert_load"], r["model_load"]):
-      raise RuntimeError(
-          "the routing replay disagrees with the model's own expert loads (max difference "
-          f"{np.abs(r['expert_load'] - r['model_load']).max()}): eval/job.py "
-          "make_routing_records must follow model/decoder.py Block.__call__")
     ids.append(r["expert_ids"])
     entropy.append(r["token_entropy"])
     modality.append(np.asarray(batch["modality"]).reshape(-1))

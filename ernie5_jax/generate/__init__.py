@@ -6,13 +6,11 @@
   clips = tasks.generate_audio(dec, layout, captions, frames=20)  # [N, frames, K]
   python -m ernie5_jax.main --mode=generate --checkpoint=DIR --workdir=OUT   # run.py
 
-cache.py (KV cache + the unified-sequence mask over its slots), sampling.py (greedy /
-temperature / top-p within an id range), decode.py (the cached forward pass through the
-Decoder's own modules), tasks.py (prompts and steps laid out as input_pipeline/sequence.py
+sampling.py (greedy / temperature / top-p within an id range), decode.py (jitted steps
+of the Decoder's own forward pass through its KV cache, model/kv_cache.py), tasks.py (prompts and steps laid out as input_pipeline/sequence.py
 lays out training documents), media.py (PNG / WAV), run.py (samples from a checkpoint,
 digit accuracy, decode tokens/s).
 """
 
-from ernie5_jax.generate.cache import KVCache, cache_spec, init_cache
-from ernie5_jax.generate.decode import CachedDecoder, StepInputs, StepOutput, forward_cached
+from ernie5_jax.generate.decode import CachedDecoder, StepInputs, StepOutput
 from ernie5_jax.generate.sampling import GREEDY, Sampling, sample

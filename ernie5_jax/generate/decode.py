@@ -1,11 +1,9 @@
-"""The decoder's forward pass through a KV cache, and the jitted decode steps.
+"""The jitted decode steps: the Decoder's own forward pass through a KV cache, plus sampling.
 
-`forward_cached` walks the Decoder's own submodules -- embed (+ audio input sum),
-Uni-RoPE angles, the dense and MoE BlockStacks (nnx.scan over stacked layers, as in
-training), final norm -- with each block's attention swapped for `Attention.decode`,
-so T new positions are computed against everything already in the cache. T = 1 is
-next-token decoding; T = s * s is one image scale (one group, bidirectional inside,
-as training sees it); T = the prompt length is prefill.
+Each step runs `Decoder.hidden_states(..., cache=)` (model/decoder.py, model/kv_cache.py):
+T new positions computed against everything already in the cache. T = 1 is next-token
+decoding; T = s * s is one image scale (one group, bidirectional inside, as training sees
+it); T = the prompt length is prefill.
 
 `CachedDecoder` jits one step (forward + output head + sampling) per input length:
   out, cache = dec.step(cache, inputs, rng, sampling, lo=.., hi=..)          any T
@@ -32,11 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ernie5_jax.generate import cache as cache_lib
 from ernie5_jax.generate import sampling as sampling_lib
-from ernie5_jax.generate.cache import KVCache
 from ernie5_jax.generate.sampling import GREEDY, Sampling
+from ernie5_jax.model import kv_cache as cache_lib
 from ernie5_jax.model.elastic import ElasticMasks
+from ernie5_jax.model.kv_cache import KVCache
 
 
 @jax.tree_util.register_dataclass
@@ -63,101 +61,6 @@ class StepOutput:
   logits: jax.Array  # [batch, T, vocab] float32
   hidden: jax.Array  # [batch, T, embed] final normed hidden state (the audio heads read it)
   expert_ids: jax.Array  # [L_moe, batch, T, top_k] int32 experts each MoE layer routed to
-
-
-def _block_decode(block, x, angles, cache_k, cache_v, index, mask, keep_i=None,
-                  elastic: ElasticMasks | None = None):
-  """One decoder Block (model/decoder.py) on new positions, its attention through the cache.
-
-  Returns (x, cache_k, cache_v, expert ids [batch, T, top_k] of an MoE block / None).
-  Elastic: keep_i [] bool False skips the block (identity, cache untouched, ids -1) as
-  Decoder does; an MoE block routes with elastic's expert mask and top-k.
-  """
-  def run(x, cache_k, cache_v):
-    h, cache_k, cache_v = block.attn.decode(block.attn_norm(x), angles, cache_k, cache_v,
-                                            index=index, mask=mask)
-    x = x + h
-    ids = None
-    if block.moe:
-      route = {} if elastic is None else dict(
-          expert_mask=elastic.expert_mask, top_k_index=elastic.top_k_index,
-          top_ks=elastic.top_ks)
-      y, stats = block.ffn(block.ffn_norm(x), **route)
-      ids = stats["expert_ids"]
-    else:
-      y = block.ffn(block.ffn_norm(x))
-    return (x + y).astype(block.dtype), cache_k, cache_v, ids
-
-  def skip(x, cache_k, cache_v):
-    ids = None
-    if block.moe:
-      ids = jnp.full(x.shape[:2] + (block.top_k,), -1, jnp.int32)  # [batch, T, top_k]
-    return x.astype(block.dtype), cache_k, cache_v, ids
-
-  if keep_i is None:
-    return run(x, cache_k, cache_v)
-  return jax.lax.cond(keep_i, run, skip, x, cache_k, cache_v)
-
-
-def _stack_decode(stack, x, angles, cache_k, cache_v, index, mask, keep=None,
-                  elastic: ElasticMasks | None = None):
-  """A BlockStack on new positions; cache_k/v [stack layers, batch, max_len, kv, head_dim].
-
-  keep: optional [stack layers] bool (elastic layer_keep). Returns (x, k, v, expert ids
-  [stack layers, batch, T, top_k] of an MoE stack / None).
-  """
-  if stack.scan:
-    xs = {} if keep is None else {"keep": keep}
-
-    @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0, 0, None, None, None, None),
-              out_axes=(nnx.Carry, 0, 0, 0), graph_updates=False)
-    def body(h, block, k, v, xs_i, angles, index, mask, elastic):
-      return _block_decode(block, h, angles, k, v, index, mask, xs_i.get("keep"), elastic)
-    return body(x, stack.layers, cache_k, cache_v, xs, angles, index, mask, elastic)
-  ks, vs, ids = [], [], []
-  for i, block in enumerate(stack.layers):
-    x, k, v, ids_i = _block_decode(block, x, angles, cache_k[i], cache_v[i], index, mask,
-                                   None if keep is None else keep[i], elastic)
-    ks.append(k)
-    vs.append(v)
-    ids.append(ids_i)
-  return x, jnp.stack(ks), jnp.stack(vs), None if ids[0] is None else jnp.stack(ids)
-
-
-def forward_cached(model: nnx.Module, cache: KVCache, inputs: StepInputs,
-                   elastic: ElasticMasks | None = None
-                   ) -> tuple[jax.Array, KVCache, jax.Array]:
-  """(final normed hidden [batch, T, embed], the cache holding them, expert ids) of T positions.
-
-  Equals Decoder.hidden_states on the whole sequence (cache slots + new positions) at
-  the new positions: same modules, same mask (generate/cache.py). The expert ids
-  [L_moe, batch, T, top_k] int32 are the MoE layers' choices there (aux["expert_ids"]).
-  elastic: optional sub-model masks (model/elastic.py), as Decoder.__call__'s `elastic`.
-  """
-  x = model.embed(inputs.tokens)  # [batch, T, embed]
-  if model.audio is not None:  # All -1 (non-audio positions) adds exactly 0.
-    x = x + model.audio.input_sum(inputs.audio_codes)
-  angles = model.rope_angles(inputs.positions)  # [batch, T, head_dim // 2]
-  cache = cache_lib.write_ids(cache, inputs.segment_ids, inputs.group_ids)
-  mask = cache_lib.slot_mask(cache, inputs.segment_ids, inputs.group_ids)  # [batch, T, max_len]
-  ks, vs, start = [], [], 0
-  batch, length = inputs.tokens.shape
-  expert_ids = jnp.zeros((0, batch, length, model.top_k), jnp.int32)  # No MoE layers.
-  for stack in (model.dense_layers, model.moe_layers):
-    n = cache_lib.stack_layers(stack)
-    if not n:
-      continue
-    keep = None if elastic is None else elastic.layer_keep[start:start + n]
-    x, k, v, ids = _stack_decode(stack, x, angles, cache.k[start:start + n],
-                                 cache.v[start:start + n], cache.index, mask, keep, elastic)
-    ks.append(k)
-    vs.append(v)
-    if ids is not None:
-      expert_ids = ids
-    start += n
-  cache = dataclasses.replace(cache, k=jnp.concatenate(ks), v=jnp.concatenate(vs),
-                              index=cache.index + inputs.length)
-  return model.final_norm(x), cache, expert_ids
 
 
 def sample_audio_levels(model: nnx.Module, hidden: jax.Array, level1_tokens: jax.Array,
@@ -203,7 +106,10 @@ class CachedDecoder:
 
   def _run(self, state, cache, inputs, rng, sampling, lo, hi):
     model = nnx.merge(self.graphdef, state)
-    hidden, cache, expert_ids = forward_cached(model, cache, inputs, self.elastic)
+    hidden, aux = model.hidden_states(inputs.tokens, inputs.positions, inputs.segment_ids,
+                                      inputs.group_ids, inputs.audio_codes,
+                                      elastic=self.elastic, cache=cache)
+    cache, expert_ids = aux["cache"], aux["expert_ids"]
     logits = model.logits(hidden)  # [batch, T, vocab] float32
     tokens = sampling_lib.sample(rng, logits, sampling, lo=lo, hi=hi)  # [batch, T]
     return StepOutput(tokens=tokens, logits=logits, hidden=hidden,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ernie5_jax.model import rope
+from ernie5_jax.model.kv_cache import LayerCache
 from ernie5_jax.model.layers import fan_in_init, param
 from ernie5_jax.ops import attention as attention_ops
 
@@ -49,36 +52,26 @@ class Attention(nnx.Module):
     return jnp.einsum("BSHK,HKD->BSD", out, self.wo[...].astype(self.dtype))
 
   def __call__(self, x: jax.Array, angles: jax.Array, segment_ids: jax.Array,
-               group_ids: jax.Array) -> jax.Array:
-    """x [batch, seq, embed], angles [batch, seq, head_dim // 2] -> [batch, seq, embed]."""
-    q, k, v = self.project_qkv(x, angles)
-    out = attention_ops.attention(q, k, v, segment_ids=segment_ids, group_ids=group_ids,
-                                  backend=self.backend)  # [batch, seq, q_heads, head_dim]
-    return self.project_out(out)
+               group_ids: jax.Array, *, cache: LayerCache | None = None
+               ) -> tuple[jax.Array, LayerCache | None]:
+    """x [batch, T, embed], angles [batch, T, head_dim // 2] -> (out [batch, T, embed], cache).
 
-  def decode(self, x: jax.Array, angles: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
-             *, index: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Attention of T new positions through this layer's KV cache (incremental decoding).
-
-    The new keys/values are written at cache slots index .. index + T - 1, then the T
-    queries attend to all max_len slots under `mask` (ernie5_jax/generate/cache.py builds
-    it from the cache's segment/group bookkeeping: the unified-sequence mask over slots).
-
-    Args:
-      x: [batch, T, embed] the new positions (after the block's attention norm).
-      angles: [batch, T, head_dim // 2] their Uni-RoPE angles.
-      cache_k, cache_v: [batch, max_len, kv_heads, head_dim] this layer's cache.
-      index: [] int32 first slot to write; index + T <= max_len (not checked under jit).
-      mask: [batch, T, max_len] bool; every row must allow at least one slot.
-
-    Returns:
-      (out [batch, T, embed], cache_k, cache_v with the new entries written).
+    Without a cache the T positions attend to each other under the unified-sequence mask of
+    segment_ids / group_ids [batch, T] (training, scoring, prefill-free evaluation). With a
+    cache (model/kv_cache.py) their keys/values are written at slots index .. index + T - 1
+    and the queries attend to all max_len slots under cache.mask (which already encodes
+    the segments and groups); the returned cache holds the new entries.
     """
     q, k, v = self.project_qkv(x, angles)
-    start = (0, index, 0, 0)
-    cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
-    cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
-    # Decoding has T != max_len queries vs keys: the plain masked-softmax path serves every
-    # platform (the flash kernel is for the square training case).
-    out = attention_ops.xla_attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask)
-    return self.project_out(out), cache_k, cache_v
+    if cache is None:
+      out = attention_ops.attention(q, k, v, segment_ids=segment_ids, group_ids=group_ids,
+                                    backend=self.backend)  # [batch, T, q_heads, head_dim]
+      return self.project_out(out), None
+    start = (0, cache.index, 0, 0)
+    cache_k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
+    cache_v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
+    # T queries vs max_len slots: the plain masked-softmax path serves every platform (the
+    # flash kernel is for the square training case).
+    out = attention_ops.xla_attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype),
+                                      cache.mask)
+    return self.project_out(out), dataclasses.replace(cache, k=cache_k, v=cache_v)

@@ -25,6 +25,7 @@ model and inputs reproduces the forward (bit-identical on one backend).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -35,9 +36,11 @@ from flax import nnx
 
 from ernie5_jax import sharding
 from ernie5_jax.config import ConfigError
+from ernie5_jax.model import kv_cache as kv_cache_lib
 from ernie5_jax.model import rope
 from ernie5_jax.model.attention import Attention
 from ernie5_jax.model.elastic import ElasticMasks
+from ernie5_jax.model.kv_cache import KVCache, LayerCache
 from ernie5_jax.model.heads import NUM_MODALITIES, AudioHeads, LossEMA, MTPModule
 from ernie5_jax.model.layers import MLP, Embed, OutputHead, RMSNorm, to_dtype
 from ernie5_jax.model.moe import MoE
@@ -101,38 +104,46 @@ class Block(nnx.Module):
   def __call__(self, x: jax.Array, angles: jax.Array, segment_ids: jax.Array,
                group_ids: jax.Array, *, expert_mask: jax.Array | None = None,
                top_k_index: jax.Array | None = None, top_ks: tuple[int, ...] = (),
-               replay_ids: jax.Array | None = None
+               replay_ids: jax.Array | None = None, cache: LayerCache | None = None
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """x [batch, seq, embed] -> (x [batch, seq, embed], router stats; {} when dense).
+    """x [batch, seq, embed] -> (x [batch, seq, embed], per-layer outputs).
 
+    The per-layer outputs are the MoE router statistics ({} when dense) and, with a cache,
+    "k" / "v": this layer's cache arrays holding the new positions (Attention.__call__).
     expert_mask / top_k_index / top_ks: the elastic routing of MoE blocks (MoE.__call__);
     replay_ids [batch, seq, top_k] int32: the expert ids to route with (MoE.__call__).
     """
-    x = x + self.attn(self.attn_norm(x), angles, segment_ids, group_ids)
+    h, cache = self.attn(self.attn_norm(x), angles, segment_ids, group_ids, cache=cache)
+    x = x + h
     if self.moe:
       y, stats = self.ffn(self.ffn_norm(x), expert_mask=expert_mask, top_k_index=top_k_index,
                           top_ks=top_ks, replay_ids=replay_ids)
     else:
       y, stats = self.ffn(self.ffn_norm(x)), {}
+    if cache is not None:
+      stats = dict(stats, k=cache.k, v=cache.v)
     # The residual stream's layout under an active mesh (sharding.py; no-op otherwise).
     return sharding.constrain((x + y).astype(self.dtype), sharding.ACT_BSD), stats
 
-  def skipped(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The block skipped by an elastic sub-model: x unchanged, zero router statistics."""
+  def skipped(self, x: jax.Array, cache: LayerCache | None = None
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The block skipped by an elastic sub-model: x and the cache unchanged, zero statistics."""
     x = sharding.constrain(x.astype(self.dtype), sharding.ACT_BSD)  # As __call__'s output.
+    stats = {} if cache is None else {"k": cache.k, "v": cache.v}
     if not self.moe:
-      return x, {}
+      return x, stats
     zero = jnp.zeros((), jnp.float32)
     batch, seq = x.shape[:2]
-    return x, {"expert_load": jnp.zeros((self.num_experts,), jnp.float32),
-               "router_entropy": zero, "load_balance_loss": zero, "z_loss": zero,
-               "expert_ids": jnp.full((batch, seq, self.top_k), -1, jnp.int32)}
+    return x, dict(stats, expert_load=jnp.zeros((self.num_experts,), jnp.float32),
+                   router_entropy=zero, load_balance_loss=zero, z_loss=zero,
+                   expert_ids=jnp.full((batch, seq, self.top_k), -1, jnp.int32),
+                   token_entropy=jnp.zeros((batch, seq), jnp.float32))
 
 
 def _apply_block(block: Block, x, angles, segment_ids, group_ids, expert_mask=None,
-                 top_k_index=None, replay_ids=None, *, top_ks=()):
+                 top_k_index=None, replay_ids=None, cache=None, *, top_ks=()):
   return block(x, angles, segment_ids, group_ids, expert_mask=expert_mask,
-               top_k_index=top_k_index, top_ks=top_ks, replay_ids=replay_ids)
+               top_k_index=top_k_index, top_ks=top_ks, replay_ids=replay_ids, cache=cache)
 
 
 class BlockStack(nnx.Module):
@@ -154,13 +165,16 @@ class BlockStack(nnx.Module):
   def __call__(self, x: jax.Array, angles: jax.Array, segment_ids: jax.Array,
                group_ids: jax.Array, *, keep: jax.Array | None = None,
                expert_mask: jax.Array | None = None, top_k_index: jax.Array | None = None,
-               top_ks: tuple[int, ...] = (), replay: jax.Array | None = None
+               top_ks: tuple[int, ...] = (), replay: jax.Array | None = None,
+               cache: LayerCache | None = None
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """x [batch, seq, embed] -> (x, per-layer stats stacked on a leading [layers] axis).
+    """x [batch, seq, embed] -> (x, per-layer outputs stacked on a leading [layers] axis).
 
     Elastic: keep [layers] bool runs layer i only where True (else the identity, under a
     lax.cond so that nothing is computed); expert_mask / top_k_index / top_ks: Block.
     replay: [layers, batch, seq, top_k] int32 expert ids, layer i's slice to block i.
+    cache: this stack's k / v [layers, batch, max_len, kv_heads, head_dim] with the shared
+    index and mask; layer i reads and writes its slice ("k" / "v" of the outputs).
     """
     # graph_updates=False: blocks never mutate state in the forward pass, and the simple
     # (pytree) mode also works when the model is merged inside a raw jax.grad / jax.jit.
@@ -168,23 +182,27 @@ class BlockStack(nnx.Module):
     if self.remat:
       apply = nnx.remat(apply, graph_updates=False)
 
-    def layer(block, h, keep_i, replay_i):
+    def layer(block, h, xs_i):
+      layer_cache = None if cache is None else dataclasses.replace(cache, k=xs_i["k"],
+                                                                   v=xs_i["v"])
       run = lambda h: apply(block, h, angles, segment_ids, group_ids, expert_mask,
-                            top_k_index, replay_i)
-      return run(h) if keep_i is None else jax.lax.cond(keep_i, run, block.skipped, h)
+                            top_k_index, xs_i.get("replay"), layer_cache)
+      if xs_i.get("keep") is None:
+        return run(h)
+      return jax.lax.cond(xs_i["keep"], run, lambda h: block.skipped(h, layer_cache), h)
 
+    # The per-layer inputs (absent ones left out of the pytree).
+    xs = {name: v for name, v in (("keep", keep), ("replay", replay)) if v is not None}
+    if cache is not None:
+      xs.update(k=cache.k, v=cache.v)
     if self.scan:
-      # The per-layer inputs scanned with the blocks (absent ones left out of the pytree).
-      xs = {name: v for name, v in (("keep", keep), ("replay", replay)) if v is not None}
-
       @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), graph_updates=False)
       def body(h, block, xs_i):
-        return layer(block, h, xs_i.get("keep"), xs_i.get("replay"))
+        return layer(block, h, xs_i)
       return body(x, self.layers, xs)
     per_layer = []
     for i, block in enumerate(self.layers):
-      x, stats = layer(block, x, None if keep is None else keep[i],
-                       None if replay is None else replay[i])
+      x, stats = layer(block, x, jax.tree.map(lambda v, i=i: v[i], xs))
       per_layer.append(stats)
     return x, jax.tree.map(lambda *s: jnp.stack(s), *per_layer)
 
@@ -232,8 +250,8 @@ class Decoder(nnx.Module):
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                group_ids: jax.Array, audio_codes: jax.Array | None = None, *,
-               elastic: ElasticMasks | None = None, routing_replay: jax.Array | None = None
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+               elastic: ElasticMasks | None = None, routing_replay: jax.Array | None = None,
+               cache: KVCache | None = None) -> tuple[jax.Array, dict[str, Any]]:
     """Returns logits [batch, seq, vocab] float32 and the aux dict of the contract.
 
     Args:
@@ -250,16 +268,27 @@ class Decoder(nnx.Module):
         (module docstring; a row with a negative id is routed live); aux["expert_ids"] of
         the same shape are the ids used. Under elastic masks, layer l's branch of top-k k
         reads slots ..k (a record of the same sub-model replays exactly).
+      cache: optional KVCache (model/kv_cache.py): the seq new positions are written at
+        cache.index and attend to every slot under the cache's mask (incremental decoding:
+        seq = 1 for one token, one image scale, or a whole prompt); aux["cache"] is the
+        updated cache. Without it, the positions attend to each other (training).
+
+    aux: "expert_load" [L_moe, experts], "router_entropy" [L_moe] (mean normalised routing
+    entropy), "load_balance_loss", "z_loss" (means over the MoE layers that ran),
+    "expert_ids" [L_moe, batch, seq, top_k] int32 (routing record), "token_entropy"
+    [L_moe, batch, seq] (per-token normalised routing entropy, for routing analysis) and,
+    with a cache, "cache".
     """
     hidden, aux = self.hidden_states(tokens, positions, segment_ids, group_ids, audio_codes,
-                                     elastic=elastic, routing_replay=routing_replay)
+                                     elastic=elastic, routing_replay=routing_replay,
+                                     cache=cache)
     return self.logits(hidden), aux
 
   def hidden_states(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                     group_ids: jax.Array, audio_codes: jax.Array | None = None, *,
                     elastic: ElasticMasks | None = None,
-                    routing_replay: jax.Array | None = None
-                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                    routing_replay: jax.Array | None = None, cache: KVCache | None = None
+                    ) -> tuple[jax.Array, dict[str, Any]]:
     """__call__ before the head: (final normed hidden [batch, seq, embed], aux)."""
     if routing_replay is not None:  # Before any tracing of the layers.
       self._check_replay(routing_replay, tokens.shape)
@@ -275,19 +304,31 @@ class Decoder(nnx.Module):
       routing = dict(expert_mask=elastic.expert_mask, top_k_index=elastic.top_k_index,
                      top_ks=elastic.top_ks)
     nd = self.num_dense_layers
+    stack_cache = lambda start, n: None
+    if cache is not None:
+      cache = kv_cache_lib.write_ids(cache, segment_ids, group_ids)
+      mask = kv_cache_lib.slot_mask(cache, segment_ids, group_ids)  # [batch, seq, max_len]
+      stack_cache = lambda start, n: LayerCache(k=cache.k[start:start + n],
+                                                v=cache.v[start:start + n],
+                                                index=cache.index, mask=mask)
+    new_kv = []  # (k, v) [layers, batch, max_len, kv_heads, head_dim] of each stack
     if self.dense_layers is not None:
-      x, _ = self.dense_layers(x, angles, segment_ids, group_ids,
-                               keep=None if keep is None else keep[:nd])
+      x, dense_out = self.dense_layers(x, angles, segment_ids, group_ids,
+                                       keep=None if keep is None else keep[:nd],
+                                       cache=stack_cache(0, nd))
+      new_kv.append((dense_out.get("k"), dense_out.get("v")))
     if self.moe_layers is not None:
       x, stats = self.moe_layers(x, angles, segment_ids, group_ids,
                                  keep=None if keep is None else keep[nd:], replay=routing_replay,
-                                 **(routing or {}))
+                                 cache=stack_cache(nd, self.num_moe_layers), **(routing or {}))
+      new_kv.append((stats.get("k"), stats.get("v")))
     else:
       stats = {"expert_load": jnp.zeros((0, self.num_experts), jnp.float32),
                "router_entropy": jnp.zeros((0,), jnp.float32),
                "load_balance_loss": jnp.zeros((0,), jnp.float32),
                "z_loss": jnp.zeros((0,), jnp.float32),
-               "expert_ids": jnp.zeros((0,) + tokens.shape + (self.top_k,), jnp.int32)}
+               "expert_ids": jnp.zeros((0,) + tokens.shape + (self.top_k,), jnp.int32),
+               "token_entropy": jnp.zeros((0,) + tokens.shape, jnp.float32)}
     mean = lambda v: jnp.mean(v) if v.size else jnp.zeros((), jnp.float32)
     if keep is not None and self.moe_layers is not None:  # Over the MoE layers that ran.
       ran = keep[nd:].astype(jnp.float32)  # [moe_layers]
@@ -296,7 +337,12 @@ class Decoder(nnx.Module):
            "router_entropy": stats["router_entropy"],  # [moe_layers]
            "load_balance_loss": mean(stats["load_balance_loss"]),
            "z_loss": mean(stats["z_loss"]),
-           "expert_ids": stats["expert_ids"]}  # [moe_layers, batch, seq, top_k] int32
+           "expert_ids": stats["expert_ids"],  # [moe_layers, batch, seq, top_k] int32
+           "token_entropy": stats["token_entropy"]}  # [moe_layers, batch, seq]
+    if cache is not None:
+      aux["cache"] = dataclasses.replace(
+          cache, k=jnp.concatenate([k for k, _ in new_kv]),
+          v=jnp.concatenate([v for _, v in new_kv]), index=cache.index + tokens.shape[1])
     return self.final_norm(x), aux
 
   def _check_replay(self, routing_replay: jax.Array, token_shape: tuple[int, ...]) -> None:

@@ -98,6 +98,7 @@ class MoE(nnx.Module):
       y, stats = jax.lax.switch(top_k_index, branches, logits)  # clamps the index
     y = y.reshape(batch, seq, d_model)  # [batch, seq, embed]
     stats["expert_ids"] = stats["expert_ids"].reshape(batch, seq, full_k)
+    stats["token_entropy"] = stats["token_entropy"].reshape(batch, seq)
     if self.shared is not None:
       y = y + self.shared(x)
     return y.astype(self.dtype), stats

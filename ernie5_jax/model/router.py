@@ -78,15 +78,20 @@ def router_z_loss(logits: jax.Array) -> jax.Array:
   return jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
 
 
-def router_entropy(probs: jax.Array, num_experts: jax.Array | int | None = None) -> jax.Array:
-  """Mean over tokens of the routing entropy normalised by log(experts), in [0, 1].
+def token_entropy(probs: jax.Array, num_experts: jax.Array | int | None = None) -> jax.Array:
+  """Each token's routing entropy normalised by log(experts), in [0, 1]: [tokens, E] -> [tokens].
 
   num_experts: the experts that can be routed to (default probs.shape[-1]); 0 if it is 1.
   """
   num_experts = probs.shape[-1] if num_experts is None else num_experts
   entropy = jnp.sum(jax.scipy.special.entr(probs), axis=-1)  # [tokens]
   log_e = jnp.log(jnp.asarray(num_experts, jnp.float32))
-  return jnp.where(log_e > 0, jnp.mean(entropy) / jnp.where(log_e > 0, log_e, 1.0), 0.0)
+  return jnp.where(log_e > 0, entropy / jnp.where(log_e > 0, log_e, 1.0), 0.0)
+
+
+def router_entropy(probs: jax.Array, num_experts: jax.Array | int | None = None) -> jax.Array:
+  """Mean over tokens of token_entropy: the layer's normalised routing entropy, in [0, 1]."""
+  return jnp.mean(token_entropy(probs, num_experts))
 
 
 def load_deviation(load: jax.Array, active: jax.Array | None = None) -> jax.Array:
@@ -134,11 +139,13 @@ class Routing:
   router_entropy: jax.Array  # [] float32
   load_balance_loss: jax.Array  # [] float32
   z_loss: jax.Array  # [] float32
+  token_entropy: jax.Array  # [tokens] float32, no gradient (routing analysis)
 
   def stats(self) -> dict[str, jax.Array]:
     """Returns the statistics as the decoder's per-layer aux dict."""
     return {"expert_load": self.expert_load, "router_entropy": self.router_entropy,
-            "load_balance_loss": self.load_balance_loss, "z_loss": self.z_loss}
+            "load_balance_loss": self.load_balance_loss, "z_loss": self.z_loss,
+            "token_entropy": self.token_entropy}
 
 
 class Router(nnx.Module):
@@ -200,11 +207,13 @@ class Router(nnx.Module):
     weights = selected / total  # [tokens, top_k]
     probs = routing_probs(scores, self.score)
     load = expert_load(expert_ids, scores.shape[-1])
+    per_token = token_entropy(jax.lax.stop_gradient(probs), num_experts)  # [tokens]
     return Routing(
         expert_ids=expert_ids.astype(jnp.int32),
         combine_weights=weights,
         expert_load=load,
-        router_entropy=router_entropy(jax.lax.stop_gradient(probs), num_experts),
+        router_entropy=jnp.mean(per_token),
+        token_entropy=per_token,
         load_balance_loss=load_balance_loss(probs, load, top_k, num_experts),
         z_loss=router_z_loss(logits),
     )

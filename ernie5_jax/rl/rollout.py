@@ -6,7 +6,7 @@
 
 Row n of a Rollouts is prompt n // G (G = group_size). Each row is ONE sequence laid out as
 the training forward reads it, equal slot for slot to the rollout's KV cache
-(generate/cache.py): the left-padded prompt (segment 0 = pad), then the response.
+(model/kv_cache.py): the left-padded prompt (segment 0 = pad), then the response.
 - text ("text" response_kind): one token per step (generate/decode.py, T = 1), ids sampled
   from the text range; a row ends at its first EOS (kept: the policy learns to stop) or
   after max_new_tokens (complete = False: truncated). Shapes are fixed: S = Lp +

@@ -55,7 +55,7 @@ def test_attention_module_matches_numpy():
   @nnx.jit
   def run(attn, x, positions, seg, grp):
     angles = rope.rope_angles(positions, head_dim=HEAD_DIM, sections=SECTIONS, theta=THETA)
-    return attn(x, angles, seg, grp)
+    return attn(x, angles, seg, grp)[0]  # (out, cache): no cache here
   out = run(attn, x, positions, seg, grp)
 
   w = {n: np.asarray(getattr(attn, n)[...], np.float64) for n in ("wq", "wk", "wv", "wo")}

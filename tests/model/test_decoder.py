@@ -67,8 +67,12 @@ def test_forward_shapes_and_aux(scanned, batch):
   logits, aux = forward(scanned, *batch)
   assert logits.shape == (BATCH, SEQ, 64) and logits.dtype == jnp.float32
   assert set(aux) == {"expert_load", "router_entropy", "load_balance_loss", "z_loss",
-                      "expert_ids"}
+                      "expert_ids", "token_entropy"}
   assert aux["expert_load"].shape == (2, 4) and aux["router_entropy"].shape == (2,)
+  # Per-token routing entropy [L_moe, batch, seq]; its mean over tokens is router_entropy.
+  assert aux["token_entropy"].shape == (2, BATCH, SEQ)
+  np.testing.assert_allclose(np.asarray(aux["token_entropy"]).mean(axis=(1, 2)),
+                             np.asarray(aux["router_entropy"]), rtol=1e-5)
   assert aux["load_balance_loss"].shape == () and aux["z_loss"].shape == ()
   np.testing.assert_allclose(np.asarray(aux["expert_load"]).sum(-1), BATCH * SEQ * 2)
   assert np.all(np.isfinite(np.asarray(logits)))

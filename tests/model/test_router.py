@@ -66,7 +66,10 @@ def test_statistics_match_formulas(setup):
   np.testing.assert_allclose(float(out.load_balance_loss), lb, rtol=1e-5)
   np.testing.assert_allclose(float(out.z_loss), z, rtol=1e-5)
   np.testing.assert_allclose(float(out.router_entropy), entropy, rtol=1e-5)
-  assert set(out.stats()) == {"expert_load", "router_entropy", "load_balance_loss", "z_loss"}
+  per_token = -np.sum(probs * np.log(probs), -1) / np.log(EXPERTS)  # [tokens]
+  np.testing.assert_allclose(np.asarray(out.token_entropy), per_token, rtol=1e-5)
+  assert set(out.stats()) == {"expert_load", "router_entropy", "load_balance_loss", "z_loss",
+                              "token_entropy"}
 
 
 def test_balanced_uniform_routing_has_unit_loss_and_entropy():

@@ -13,6 +13,11 @@ Mask over slots (the training mask of ops/attention.py, with sequence index = sl
   allowed(i, j) = seg[i] == seg[j] and (slot_j <= slot_i or (grp[i] == grp[j] and grp[i] != 0))
 Empty slots have segment 0: real queries (segment >= 1) never see them, and a padding
 query sees only earlier padding (slot_j <= slot_i), so no row is fully masked.
+
+The decoder's one forward pass takes the cache (Decoder.hidden_states(..., cache=)): it
+writes the new positions' ids, builds the slot mask once, and hands each layer a
+`LayerCache` (its k/v, the slot index and the mask) through the layer scan, as the Flax
+lm1b and gemma examples thread their cache through attention.
 """
 
 from __future__ import annotations
@@ -38,6 +43,16 @@ class KVCache:
   def max_len(self) -> int:
     """Slots per row."""
     return self.k.shape[2]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerCache:
+  """What one attention layer reads and writes in a cached forward pass."""
+  k: jax.Array  # [batch, max_len, kv_heads, head_dim]
+  v: jax.Array  # [batch, max_len, kv_heads, head_dim]
+  index: jax.Array  # [] int32: the first slot the T new positions are written to
+  mask: jax.Array  # [batch, T, max_len] bool: slot_mask of the new positions
 
 
 @dataclasses.dataclass(frozen=True)
