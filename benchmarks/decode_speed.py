@@ -27,12 +27,11 @@ import jax
 from flax import nnx
 
 from benchmarks.common import write_json
-from ernie5_jax import elastic_export
+from ernie5_jax import elastic_export, store
 from ernie5_jax.generate.decode import CachedDecoder
 from ernie5_jax.generate.run import decode_tokens_per_sec
 from ernie5_jax.model import elastic
-from ernie5_jax.model.decoder import apply_variant
-from ernie5_jax.train import checkpoint, state as state_lib
+from ernie5_jax.model.decoder import apply_variant, create_model
 
 
 def main() -> None:
@@ -48,13 +47,13 @@ def main() -> None:
   args = parser.parse_args()
 
   if args.checkpoint:
-    config, model = checkpoint.restore_model(args.checkpoint)
+    config, model = store.restore_model(args.checkpoint)
   else:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     config = runpy.run_path(os.path.join(root, "experiments", "tiny.py"))["get_config"]()
     if args.variant:
       apply_variant(config.model, args.variant)
-    model = state_lib.create_model(config)
+    model = create_model(config)
   subs = elastic.family(config)
   decoders = {}
   for sub in subs:

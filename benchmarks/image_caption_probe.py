@@ -61,6 +61,7 @@ from ml_collections import config_flags  # noqa: E402
 
 import data as data_lib  # noqa: E402
 from data.digits_multimodal import generate as digits_gen  # noqa: E402
+from ernie5_jax import store
 from ernie5_jax import config as config_lib  # noqa: E402
 from ernie5_jax.eval import scoring  # noqa: E402
 from ernie5_jax.input_pipeline import multimodal  # noqa: E402
@@ -129,10 +130,10 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   start = time.perf_counter()
-  loc = checkpoint.locate(FLAGS.workdir, FLAGS.step)
+  loc = store.locate(FLAGS.workdir, FLAGS.step)
   if loc.config_path is not None and FLAGS.config is not None:
     logging.warning("Using %s; --config is only read for workdirs without it.", loc.config_path)
-  config, model = checkpoint.restore_model(loc, None if loc.config_path else FLAGS.config)
+  config, model = store.restore_model(loc, None if loc.config_path else FLAGS.config)
   step = loc.step
   config_lib.validate(config)
   if config.data.source != "digits_multimodal":

@@ -23,10 +23,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import write_json  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ernie5_jax import store
 from ernie5_jax.generate.sampling import Sampling  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ernie5_jax.model import elastic  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ernie5_jax.rl import objective, rollout, tasks, verifiers  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ernie5_jax.train import checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def routing_disagreement(live_ids: np.ndarray, replayed_ids: np.ndarray,
@@ -48,7 +48,7 @@ def main() -> None:
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
 
-  config, model = checkpoint.restore_model(args.checkpoint)
+  config, model = store.restore_model(args.checkpoint)
   context = verifiers.make_context(config, classifier=False)
   m = config.model
   engines = {"bf16 weights": dict(dtype=jnp.bfloat16)}

@@ -16,9 +16,9 @@ over the kept prefix are the same numbers.
 
 On disk (`write_submodel`), <dir>/ holds
   model/          orbax StandardCheckpointer save of the nnx.State (params + RouterBias, ...)
-  config.json     the sub-model's full experiment config (checkpoint.save_config)
+  config.json     the sub-model's full experiment config (store.save_config)
   submodel.json   {"depth", "experts", "top_k", "kept_layers", "source"}
-the layout `ernie5_jax.train.checkpoint.restore_model(dir)` loads as a normal Decoder.
+the layout `ernie5_jax.train.store.restore_model(dir)` loads as a normal Decoder.
 """
 
 from __future__ import annotations
@@ -30,12 +30,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import orbax.checkpoint as ocp
 from flax import nnx
 
+from ernie5_jax import store
 from ernie5_jax.model import elastic
 from ernie5_jax.model.decoder import Decoder
-from ernie5_jax.train import checkpoint
 
 _STACKS = ("dense_layers", "moe_layers")
 _EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")  # [(layers,) experts, ...]
@@ -112,16 +111,7 @@ def write_submodel(directory: str, sub_config: ml_collections.ConfigDict,
                    sub_state: nnx.State, *, sub: elastic.SubModel | None = None,
                    source: str = "", kept_layers: tuple[int, ...] = ()) -> str:
   """Writes an exported sub-model to directory/ (module docstring); returns the directory."""
-  directory = os.path.abspath(directory)
-  model_dir = os.path.join(directory, checkpoint.MODEL_ITEM)
-  if os.path.exists(model_dir):
-    raise FileExistsError(f"export directory {directory!r} already holds a "
-                          f"{checkpoint.MODEL_ITEM}/: expected a new or empty directory")
-  os.makedirs(directory, exist_ok=True)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(model_dir, sub_state)
-    checkpointer.wait_until_finished()
-  checkpoint.save_config(sub_config, directory)
+  directory = store.save_model(directory, sub_config, sub_state)
   m = sub_config.model
   sub = sub or elastic.SubModel(m.num_layers, m.num_experts, m.top_k)
   with open(os.path.join(directory, "submodel.json"), "w") as f:
@@ -135,15 +125,15 @@ def export_checkpoint(path: str, sub: elastic.SubModel, out_dir: str, *,
                       step: int | None = None) -> str:
   """Exports `sub` of a checkpoint to out_dir; returns out_dir.
 
-  path: anything checkpoint.restore_model accepts (a workdir: its latest step, or `step`);
+  path: anything store.restore_model accepts (a workdir: its latest step, or `step`);
   config: the run's config (default: the config.json stored with the checkpoint).
-  Raises checkpoint.CheckpointNotFoundError when path holds no checkpoint, ConfigError
+  Raises store.CheckpointNotFoundError when path holds no checkpoint, ConfigError
   when `sub` is not a member of the model's family.
   """
-  location = checkpoint.locate(path, step)
+  location = store.locate(path, step)
   if config is not None:  # Fail on a bad SubModel before restoring anything.
     elastic.check_submodel(config, sub)
-  config, model = checkpoint.restore_model(location, config=config)
+  config, model = store.restore_model(location, config=config)
   elastic.check_submodel(config, sub)
   sub_config, sub_state = export_submodel(config, nnx.state(model), sub)
   source = str(location.model_dir) + ("" if location.step is None else f" (step {location.step})")

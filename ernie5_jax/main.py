@@ -22,7 +22,7 @@ no stored config.json).
 
 --mode=export (ernie5_jax/elastic_export.py) writes the elastic sub-model
 'depth,experts,top_k' of --checkpoint into --workdir as a standalone, smaller model
-(model/ + config.json), which --mode=eval and checkpoint.restore_model load like any other.
+(model/ + config.json), which --mode=eval and store.restore_model load like any other.
 
   python -m ernie5_jax.main --mode=generate --checkpoint=/tmp/tiny --workdir=/tmp/tiny_samples
 
@@ -134,13 +134,13 @@ def _run_eval() -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from ernie5_jax.eval import job  # pylint: disable=g-import-not-at-top
-  from ernie5_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  from ernie5_jax import store  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # As in train: TF must not reserve JAX's memory.
   try:
     job.run_eval(FLAGS.checkpoint, FLAGS.workdir, config=FLAGS.config,
                  override_fields=_override_fields(sys.argv[1:]))
-  except (checkpoint.CheckpointNotFoundError, checkpoint.CheckpointMismatchError,
-          checkpoint.WorkdirError, config_lib.ConfigError) as e:
+  except (store.CheckpointNotFoundError, store.CheckpointMismatchError,
+          store.WorkdirError, config_lib.ConfigError) as e:
     sys.exit(f"error: {type(e).__name__}: {e}")
 
 
@@ -153,14 +153,14 @@ def _run_export() -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
   from ernie5_jax import elastic_export  # pylint: disable=g-import-not-at-top
   from ernie5_jax.model import elastic  # pylint: disable=g-import-not-at-top
-  from ernie5_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  from ernie5_jax import store  # pylint: disable=g-import-not-at-top
   try:
     sub = elastic.SubModel.parse(FLAGS.submodel)
-    location = checkpoint.locate(FLAGS.checkpoint)
+    location = store.locate(FLAGS.checkpoint)
     # The config stored with the checkpoint; --config only for a checkpoint without one.
     config = None if location.config_path else FLAGS.config
     out = elastic_export.export_checkpoint(FLAGS.checkpoint, sub, FLAGS.workdir, config=config)
-  except (checkpoint.CheckpointNotFoundError, checkpoint.CheckpointMismatchError,
+  except (store.CheckpointNotFoundError, store.CheckpointMismatchError,
           config_lib.ConfigError, FileExistsError) as e:
     sys.exit(f"error: {type(e).__name__}: {e}")
   logging.info("Exported sub-model %s of %s to %s.", sub, FLAGS.checkpoint, out)
@@ -174,12 +174,12 @@ def _run_generate() -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from ernie5_jax.generate import run  # pylint: disable=g-import-not-at-top
-  from ernie5_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  from ernie5_jax import store  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # The data builders import TF: keep JAX's memory.
   try:
     run.generate_from_checkpoint(FLAGS.checkpoint, FLAGS.workdir, config=FLAGS.config,
                                  override_fields=_override_fields(sys.argv[1:]))
-  except (checkpoint.CheckpointNotFoundError, checkpoint.CheckpointMismatchError,
+  except (store.CheckpointNotFoundError, store.CheckpointMismatchError,
           config_lib.ConfigError) as e:
     sys.exit(f"error: {type(e).__name__}: {e}")
 
@@ -244,7 +244,7 @@ def main(argv: list[str]) -> None:
   # touches a device.
   distributed.maybe_initialize(FLAGS.config)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from ernie5_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  from ernie5_jax import store  # pylint: disable=g-import-not-at-top
   trainer = importlib.import_module(trainer_module)
 
   # TF is only used to write TensorBoard events: hide accelerators from it so that it
@@ -260,8 +260,8 @@ def main(argv: list[str]) -> None:
     run = importlib.import_module("ernie5_jax.rl.train").train_rl
   try:
     run(FLAGS.config, FLAGS.workdir)
-  except (checkpoint.WorkdirError, checkpoint.CheckpointMismatchError,
-          checkpoint.CheckpointNotFoundError, trainer.NonFiniteLossError) as e:
+  except (store.WorkdirError, store.CheckpointMismatchError,
+          store.CheckpointNotFoundError, trainer.NonFiniteLossError) as e:
     # Errors the user fixes from the command line: one clear line, no traceback.
     sys.exit(f"error: {type(e).__name__}: {e}")
 

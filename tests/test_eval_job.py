@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ernie5_jax import store
 from ernie5_jax import elastic_export
 from ernie5_jax.eval import job
 from ernie5_jax.input_pipeline import multimodal
@@ -63,21 +64,21 @@ def eval_out(workdir, tmp_path_factory):
 
 
 def test_trainer_writes_its_config(workdir):
-  stored = checkpoint.load_config(workdir)
+  stored = store.load_config(workdir)
   assert stored.to_dict() == _config().to_dict()
   assert isinstance(stored.model.rope_sections, tuple)
 
 
 def test_restore_model_from_every_path_form(workdir):
-  ckpts = os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR)
-  assert checkpoint.locate(workdir).step == NUM_STEPS
-  assert checkpoint.locate(ckpts).step == NUM_STEPS
-  assert checkpoint.locate(workdir, step=2).step == 2
-  assert checkpoint.locate(os.path.join(ckpts, "2")).step == 2
-  config, model = checkpoint.restore_model(workdir)
+  ckpts = os.path.join(workdir, store.CHECKPOINT_SUBDIR)
+  assert store.locate(workdir).step == NUM_STEPS
+  assert store.locate(ckpts).step == NUM_STEPS
+  assert store.locate(workdir, step=2).step == 2
+  assert store.locate(os.path.join(ckpts, "2")).step == 2
+  config, model = store.restore_model(workdir)
   assert config.to_dict() == _config().to_dict()
-  _, latest = checkpoint.restore_model(os.path.join(ckpts, str(NUM_STEPS)))
-  _, first = checkpoint.restore_model(ckpts, step=2)
+  _, latest = store.restore_model(os.path.join(ckpts, str(NUM_STEPS)))
+  _, first = store.restore_model(ckpts, step=2)
   same = jax.tree.map(np.array_equal, nnx.state(model), nnx.state(latest))
   assert all(jax.tree.leaves(same))
   differ = jax.tree.map(np.array_equal, nnx.state(model, nnx.Param), nnx.state(first, nnx.Param))
@@ -85,37 +86,37 @@ def test_restore_model_from_every_path_form(workdir):
 
 
 def test_restore_model_of_an_exported_submodel(workdir, tmp_path):
-  config, model = checkpoint.restore_model(workdir)
+  config, model = store.restore_model(workdir)
   sub = elastic.SubModel(2, 2, 1)
   sub_config, sub_state = elastic_export.export_submodel(config, nnx.state(model), sub)
   out = elastic_export.write_submodel(str(tmp_path / "sub"), sub_config, sub_state, sub=sub)
-  loaded_config, loaded = checkpoint.restore_model(out)
+  loaded_config, loaded = store.restore_model(out)
   assert loaded_config.model.num_experts == 2
-  assert checkpoint.locate(out).step is None
+  assert store.locate(out).step is None
   same = jax.tree.map(np.array_equal, nnx.state(loaded), sub_state)
   assert all(jax.tree.leaves(same))
 
 
 def test_restore_model_errors_name_the_path(workdir, tmp_path):
-  with pytest.raises(checkpoint.CheckpointNotFoundError, match="does not exist: expected a "
+  with pytest.raises(store.CheckpointNotFoundError, match="does not exist: expected a "
                      "training workdir"):
-    checkpoint.restore_model(str(tmp_path / "missing"))
-  with pytest.raises(checkpoint.CheckpointNotFoundError,
+    store.restore_model(str(tmp_path / "missing"))
+  with pytest.raises(store.CheckpointNotFoundError,
                      match=re.escape(f"{tmp_path}' holds no checkpoint: expected")):
-    checkpoint.restore_model(str(tmp_path))
-  with pytest.raises(checkpoint.CheckpointNotFoundError, match=r"step=7 .* holds steps \[2, 3\]"):
-    checkpoint.locate(workdir, step=7)
+    store.restore_model(str(tmp_path))
+  with pytest.raises(store.CheckpointNotFoundError, match=r"step=7 .* holds steps \[2, 3\]"):
+    store.locate(workdir, step=7)
   # A run without config.json: restoring needs the config.
   bare = tmp_path / "bare"
-  shutil.copytree(os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR), bare / "checkpoints")
-  with pytest.raises(checkpoint.CheckpointNotFoundError, match="no config.json next to"):
-    checkpoint.restore_model(str(bare))
-  config, _ = checkpoint.restore_model(str(bare), _config())
+  shutil.copytree(os.path.join(workdir, store.CHECKPOINT_SUBDIR), bare / "checkpoints")
+  with pytest.raises(store.CheckpointNotFoundError, match="no config.json next to"):
+    store.restore_model(str(bare))
+  config, _ = store.restore_model(str(bare), _config())
   assert config.model.top_k == 1
   wrong = _config()
   wrong.model.num_experts = 8
-  with pytest.raises(checkpoint.CheckpointMismatchError, match="experts"):
-    checkpoint.restore_model(str(bare), wrong)
+  with pytest.raises(store.CheckpointMismatchError, match="experts"):
+    store.restore_model(str(bare), wrong)
 
 
 def test_eval_reads_the_eval_split():
@@ -168,15 +169,15 @@ def test_eval_config_is_the_stored_one_plus_overrides(workdir, tmp_path):
   flags_config = _config()
   flags_config.eval.num_batches = 9
   flags_config.model.top_k = 2  # Not named as an override: the stored value stays.
-  loc = checkpoint.locate(workdir)
+  loc = store.locate(workdir)
   config = job.resolve_config(loc, flags_config, ("eval.num_batches",))
   assert config.eval.num_batches == 9 and config.model.top_k == 1
   with pytest.raises(job.config_lib.ConfigError, match="need --config"):
     job.resolve_config(loc, None, ("eval.num_batches",))
   # Without a stored config.json the command line's config is used whole.
   bare = tmp_path / "bare"
-  shutil.copytree(os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR), bare / "checkpoints")
-  bare_loc = checkpoint.locate(str(bare))
+  shutil.copytree(os.path.join(workdir, store.CHECKPOINT_SUBDIR), bare / "checkpoints")
+  bare_loc = store.locate(str(bare))
   assert job.resolve_config(bare_loc, flags_config, ()).model.top_k == 2
-  with pytest.raises(checkpoint.CheckpointNotFoundError, match="pass the training run's"):
+  with pytest.raises(store.CheckpointNotFoundError, match="pass the training run's"):
     job.resolve_config(bare_loc, None, ())

@@ -13,11 +13,11 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+from ernie5_jax import store
 from ernie5_jax import config as config_lib
 from ernie5_jax import elastic_export
 from ernie5_jax.model import elastic
 from ernie5_jax.model.rope import text_positions
-from ernie5_jax.train import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH, SEQ, VOCAB = 2, 8, 64
@@ -129,7 +129,7 @@ def test_written_export_restores_as_a_normal_decoder(full, batch, tmp_path):
   out = elastic_export.write_submodel(str(tmp_path / "export"), sub_config, sub_state, sub=sub,
                                       kept_layers=(0, 2))
   assert json.load(open(os.path.join(out, "submodel.json")))["kept_layers"] == [0, 2]
-  loaded_config, model = checkpoint.restore_model(out)
+  loaded_config, model = store.restore_model(out)
   assert loaded_config.model.num_layers == 2 and loaded_config.model.num_experts == 2
   assert loaded_config.model.top_k == 1 and not loaded_config.elastic.enabled
   logits, _ = nnx.jit(lambda m, b: m(*b))(model, batch)
@@ -140,10 +140,10 @@ def test_written_export_restores_as_a_normal_decoder(full, batch, tmp_path):
 
 
 def test_a_path_without_checkpoint_is_a_clear_error(tmp_path):
-  with pytest.raises(checkpoint.CheckpointNotFoundError, match=r"holds no checkpoint: "
+  with pytest.raises(store.CheckpointNotFoundError, match=r"holds no checkpoint: "
                      r"expected a training workdir"):
     elastic_export.export_checkpoint(str(tmp_path), S(2, 2, 1), str(tmp_path / "out"))
-  with pytest.raises(checkpoint.CheckpointNotFoundError, match="does not exist"):
+  with pytest.raises(store.CheckpointNotFoundError, match="does not exist"):
     elastic_export.export_checkpoint(str(tmp_path / "missing"), S(2, 2, 1),
                                      str(tmp_path / "out"))
 
@@ -161,14 +161,14 @@ def test_cli_export(tmp_path):
   workdir = tmp_path / "run"
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(str(workdir / "checkpoints" / "7" / "model"), state)
-  checkpoint.save_config(config, str(workdir))
+  store.save_config(config, str(workdir))
 
   proc = _cli(f"--checkpoint={workdir}", "--submodel=2,3,1", f"--workdir={tmp_path / 'sub'}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   meta = json.load(open(tmp_path / "sub" / "submodel.json"))
   assert (meta["depth"], meta["experts"], meta["top_k"]) == (2, 3, 1)
   assert meta["source"].endswith("checkpoints/7/model (step 7)")
-  sub_config = checkpoint.load_config(str(tmp_path / "sub"))
+  sub_config = store.load_config(str(tmp_path / "sub"))
   assert (sub_config.model.num_layers, sub_config.model.num_experts) == (2, 3)
 
   proc = _cli(f"--checkpoint={tmp_path / 'empty'}", "--submodel=2,3,1",

@@ -41,6 +41,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from ernie5_jax import store
 from ernie5_jax import config as config_lib
 from ernie5_jax import input_pipeline
 from ernie5_jax.eval import routing as routing_lib
@@ -230,9 +231,9 @@ def run_eval(checkpoint_path: str, out_dir: str, *,
     The report dict written to family_report.json.
   """
   start = time.perf_counter()
-  loc = checkpoint.locate(checkpoint_path, step)
-  config, model = checkpoint.restore_model(loc, resolve_config(loc, config, override_fields))
-  checkpoint.ensure_writable(out_dir)
+  loc = store.locate(checkpoint_path, step)
+  config, model = store.restore_model(loc, resolve_config(loc, config, override_fields))
+  store.ensure_writable(out_dir)
 
   batches = held_out_batches(config)
   loss_sums = make_loss_sums(model)
@@ -286,11 +287,11 @@ def run_eval(checkpoint_path: str, out_dir: str, *,
   return report
 
 
-def resolve_config(loc: checkpoint.CheckpointLocation,
+def resolve_config(loc: store.CheckpointLocation,
                    config: ml_collections.ConfigDict | None,
                    override_fields: tuple[str, ...]) -> ml_collections.ConfigDict:
-  """checkpoint.resolve_config, for LM checkpoints only (the eval job's families)."""
-  config = checkpoint.resolve_config(loc, config, override_fields)
+  """store.resolve_config, for LM checkpoints only (the eval job's families)."""
+  config = store.resolve_config(loc, config, override_fields)
   if config.get("trainer", "lm") != "lm":
     raise config_lib.ConfigError(f"config.trainer={config.trainer!r} is not accepted by the "
                                  "eval job: expected an LM checkpoint ('lm')")

@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from ernie5_jax import store
 from ernie5_jax.generate import media, tasks
 from ernie5_jax.generate.decode import CachedDecoder, StepInputs
 from ernie5_jax.generate.sampling import GREEDY, Sampling
@@ -193,12 +194,11 @@ def generate_from_checkpoint(checkpoint_path: str, out_dir: str, *,
   """Restores checkpoint_path and writes generate_samples (settings: config.generate) to out_dir.
 
   checkpoint_path: anything train/checkpoint.py restore_model accepts; config /
-  override_fields: as `checkpoint.resolve_config`; step: of a workdir (default: the latest).
+  override_fields: as `store.resolve_config`; step: of a workdir (default: the latest).
   """
-  from ernie5_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
-  loc = checkpoint.locate(checkpoint_path, step)
-  config = checkpoint.resolve_config(loc, config, override_fields)
-  config, model = checkpoint.restore_model(loc, config=config)
+  loc = store.locate(checkpoint_path, step)
+  config = store.resolve_config(loc, config, override_fields)
+  config, model = store.restore_model(loc, config=config)
   g = config.generate
   report = generate_samples(config, model, out_dir, per_digit=g.samples_per_digit,
                             sampling=Sampling(g.temperature, g.top_p), seed=g.seed,

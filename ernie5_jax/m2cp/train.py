@@ -21,6 +21,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from flax import nnx
 
+from ernie5_jax import store
 from ernie5_jax.m2cp import config as config_lib
 from ernie5_jax.m2cp import data as data_lib
 from ernie5_jax.m2cp import losses
@@ -198,7 +199,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   t = config.train
 
   # --- logging -------------------------------------------------------------
-  checkpoint.ensure_writable(workdir)
+  store.ensure_writable(workdir)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   logging.info("workdir: %s\nconfig:\n%s", workdir, config)
 

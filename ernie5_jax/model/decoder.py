@@ -68,6 +68,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+def create_model(config: ml_collections.ConfigDict) -> "Decoder":
+  """The decoder of a whole config (config.model, MTP depth), parameters drawn from config.seed."""
+  return Decoder(config.model, mtp_depth=config.objective.mtp_depth, rngs=nnx.Rngs(config.seed))
+
+
 def apply_variant(model_cfg: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
   """Overwrites model_cfg's size fields with VARIANTS[name]; returns model_cfg."""
   if name not in VARIANTS:

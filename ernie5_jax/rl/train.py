@@ -51,6 +51,7 @@ from clu import metric_writers
 from etils import epath
 from flax import nnx
 
+from ernie5_jax import store
 from ernie5_jax import config as config_lib
 from ernie5_jax.generate.sampling import Sampling
 from ernie5_jax.rl import buffer as buffer_lib
@@ -84,41 +85,26 @@ class RLState:
     return cls(**d)
 
 
-# --- checkpoints ----------------------------------------------------------------------------
+# --- checkpoints (train/checkpoint.py's writer; the RL state is one more JSON item) --------
 def create_manager(workdir: str, *, keep: int) -> ocp.CheckpointManager:
   """CheckpointManager on <workdir>/checkpoints: model, optimizer, step and the RL state."""
-  return checkpoint.create_manager(
-      workdir, keep=keep, async_save=False,
-      handlers={"model": ocp.StandardCheckpointHandler(),
-                "optimizer": ocp.StandardCheckpointHandler(),
-                "step": ocp.JsonCheckpointHandler(), "rl": ocp.JsonCheckpointHandler()})
+  return checkpoint.create_manager(workdir, keep=keep, async_save=False, data=False,
+                                   json_items=("rl",))
 
 
 def save(manager: ocp.CheckpointManager, state: TrainState, rl_state: RLState) -> None:
-  """Saves the model, optimizer and RL state at step rl_state.iteration."""
-  items = state.to_checkpoint()
-  manager.save(rl_state.iteration, args=ocp.args.Composite(
-      model=ocp.args.StandardSave(items["model"]),
-      optimizer=ocp.args.StandardSave(items["optimizer"]),
-      step=ocp.args.JsonSave({"step": int(state.step)}),
-      rl=ocp.args.JsonSave(rl_state.to_json())))
+  """Saves the model, optimizer and RL state as checkpoint rl_state.iteration."""
+  checkpoint.save(manager, state, step=rl_state.iteration,
+                  json_items={"rl": rl_state.to_json()})
 
 
 def restore(manager: ocp.CheckpointManager, abstract: TrainState
             ) -> tuple[TrainState, RLState] | None:
   """The latest (state, RL state) of the manager, or None; shapes checked first."""
-  it = manager.latest_step()
-  if it is None:
+  state = checkpoint.restore(manager, abstract)
+  if state is None:
     return None
-  checkpoint.check_compatible(manager, it, abstract)
-  target = abstract.to_checkpoint()
-  got = manager.restore(it, args=ocp.args.Composite(
-      model=ocp.args.StandardRestore(target["model"]),
-      optimizer=ocp.args.StandardRestore(target["optimizer"]),
-      step=ocp.args.JsonRestore(), rl=ocp.args.JsonRestore()))
-  state = TrainState.from_checkpoint({"model": got["model"], "optimizer": got["optimizer"],
-                                      "step": got["step"]["step"]})
-  return state, RLState.from_json(got["rl"])
+  return state, RLState.from_json(checkpoint.restore_json(manager, "rl", manager.latest_step()))
 
 
 # --- the jitted training-engine functions -----------------------------------------------------
@@ -297,9 +283,9 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str) -> tuple[TrainStat
   config_lib.validate(config)
   rl, t = config.rl, config.train
   if t.init_from:
-    checkpoint.locate(t.init_from)  # A wrong path fails before anything is built.
-  checkpoint.ensure_writable(workdir)
-  checkpoint.save_config(config, workdir)
+    store.locate(t.init_from)  # A wrong path fails before anything is built.
+  store.ensure_writable(workdir)
+  store.save_config(config, workdir)
   writer = metric_writers.create_default_writer(workdir)
 
   tx, _ = optimizer.create_optimizer(config, num_steps=rl.iterations * rl.updates)

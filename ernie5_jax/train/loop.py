@@ -17,6 +17,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 
+from ernie5_jax import store
 from ernie5_jax import config as config_lib
 from ernie5_jax import input_pipeline
 from ernie5_jax import sharding
@@ -70,11 +71,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
   t = config.train
 
   if t.init_from:  # A wrong path fails now, before the data and the model are built.
-    checkpoint.locate(t.init_from)
+    store.locate(t.init_from)
   # --- logging -------------------------------------------------------------
-  checkpoint.ensure_writable(workdir)
+  store.ensure_writable(workdir)
   if jax.process_index() == 0:  # Eval/export jobs rebuild the model from it (restore_model).
-    checkpoint.save_config(config, workdir)
+    store.save_config(config, workdir)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   logging.info("workdir: %s\nconfig:\n%s", workdir, config)
 

@@ -15,7 +15,7 @@ import ml_collections
 import optax
 from flax import nnx, struct
 
-from ernie5_jax.model.decoder import Decoder
+from ernie5_jax.model import Decoder, create_model
 
 
 @struct.dataclass
@@ -40,11 +40,6 @@ class TrainState:
     params, rest = items["model"].split(nnx.Param, ...)
     return cls(step=jnp.asarray(items["step"], jnp.int32), params=params, rest=rest,
                opt_state=items["optimizer"])
-
-
-def create_model(config: ml_collections.ConfigDict) -> Decoder:
-  """Builds the decoder with parameters drawn from config.seed."""
-  return Decoder(config.model, mtp_depth=config.objective.mtp_depth, rngs=nnx.Rngs(config.seed))
 
 
 def new_train_state(model: Decoder, tx: optax.GradientTransformation) -> TrainState:

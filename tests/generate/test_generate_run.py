@@ -11,11 +11,11 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from ernie5_jax import store
 from ernie5_jax import config as config_lib
 from ernie5_jax.generate import media, run
 from ernie5_jax.input_pipeline.multimodal import vocabulary_layout
 from ernie5_jax.model import Decoder
-from ernie5_jax.train import checkpoint
 
 
 def _config(data_dir: str):
@@ -44,8 +44,8 @@ def test_generate_from_a_stored_model(tmp_path):
   state = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.normal(size=s.shape), s.dtype), state)
   stored = tmp_path / "model_dir"
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(stored / checkpoint.MODEL_ITEM, state)
-  checkpoint.save_config(config, str(stored))
+    ckptr.save(stored / store.MODEL_ITEM, state)
+  store.save_config(config, str(stored))
 
   out = str(tmp_path / "samples")
   report = run.generate_from_checkpoint(str(stored), out)

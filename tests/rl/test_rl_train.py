@@ -6,11 +6,11 @@ import jax
 import numpy as np
 import pytest
 
+from ernie5_jax import store
 from ernie5_jax import config as config_lib
 from ernie5_jax.input_pipeline import multimodal
 from ernie5_jax.rl import train as rl_train
 from ernie5_jax.rl import verifiers
-from ernie5_jax.train import checkpoint
 
 BAD_PROMPT = 1  # The training prompt (index) whose verifier raises.
 
@@ -118,7 +118,7 @@ def test_failing_verifier_drops_and_reports_the_sample(runs):
 def test_missing_init_checkpoint_is_a_clear_error(tmp_path_factory, tmp_path):
   config = _config(tmp_path_factory, 1)
   config.train.init_from = str(tmp_path / "no_sft_here")
-  with pytest.raises(checkpoint.CheckpointNotFoundError, match="no_sft_here"):
+  with pytest.raises(store.CheckpointNotFoundError, match="no_sft_here"):
     rl_train.train_rl(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
 

@@ -10,6 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
+from ernie5_jax import store
 from ernie5_jax import input_pipeline
 from ernie5_jax.model.router import RouterBias
 from ernie5_jax.train import checkpoint
@@ -89,7 +90,7 @@ def test_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
   manager = checkpoint.create_manager("workdirs/run", keep=2, async_save=True)
   checkpoint.save(manager, _state(seed=1, step=3), _iterator())
   manager.wait_until_finished()
-  assert os.path.isdir(tmp_path / "workdirs/run" / checkpoint.CHECKPOINT_SUBDIR / "3")
+  assert os.path.isdir(tmp_path / "workdirs/run" / store.CHECKPOINT_SUBDIR / "3")
   restored = checkpoint.restore(checkpoint.create_manager("workdirs/run", keep=2,
                                                           async_save=True),
                                 _abstract(), _iterator())
@@ -116,7 +117,7 @@ def test_mismatched_shape_names_the_parameter_and_leaves_checkpoint_untouched(tm
   manager = checkpoint.create_manager(str(tmp_path), keep=2, async_save=False)
   checkpoint.save(manager, _state(width=4, step=5), _iterator())
   before = _digest(tmp_path)
-  with pytest.raises(checkpoint.CheckpointMismatchError) as info:
+  with pytest.raises(store.CheckpointMismatchError) as info:
     checkpoint.restore(manager, _abstract(width=6), _iterator())
   message = str(info.value)
   assert "model/proj/kernel: checkpoint shape (3, 4) != model shape (3, 6)" in message
@@ -132,7 +133,7 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory")
   workdir = str(blocker / "run")
-  with pytest.raises(checkpoint.WorkdirError, match=r"--workdir=.*a_file/run.* not accepted"):
-    checkpoint.ensure_writable(workdir)
-  checkpoint.ensure_writable(str(tmp_path / "new" / "run"))  # created on demand
+  with pytest.raises(store.WorkdirError, match=r"--workdir=.*a_file/run.* not accepted"):
+    store.ensure_writable(workdir)
+  store.ensure_writable(str(tmp_path / "new" / "run"))  # created on demand
   assert os.listdir(tmp_path / "new" / "run") == []  # the write probe is gone

@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+from ernie5_jax import store
 from ernie5_jax import input_pipeline
 from ernie5_jax.train import checkpoint, loop, optimizer
 from ernie5_jax.train import state as state_lib
@@ -52,12 +53,12 @@ def test_non_finite_loss_stops_without_saving_and_keeps_last_good_checkpoint(
 def test_init_from_a_path_without_checkpoint_fails_before_anything_is_built(tmp_path):
   config = make_tiny_config()
   config.train.init_from = str(tmp_path / "nothing_here")
-  with pytest.raises(checkpoint.CheckpointNotFoundError, match="nothing_here"):
+  with pytest.raises(store.CheckpointNotFoundError, match="nothing_here"):
     loop.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
 
 
 def test_unwritable_workdir_fails_before_anything_is_built(tmp_path):
   (tmp_path / "file").write_text("")
-  with pytest.raises(checkpoint.WorkdirError, match="--workdir="):
+  with pytest.raises(store.WorkdirError, match="--workdir="):
     loop.train_and_evaluate(make_tiny_config(), str(tmp_path / "file" / "run"))
