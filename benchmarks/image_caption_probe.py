@@ -61,13 +61,12 @@ from ml_collections import config_flags  # noqa: E402
 
 import data as data_lib  # noqa: E402
 from data.digits_multimodal import generate as digits_gen  # noqa: E402
-from ernie5_jax import store
 from ernie5_jax import config as config_lib  # noqa: E402
+from ernie5_jax import store
 from ernie5_jax.eval import scoring  # noqa: E402
 from ernie5_jax.input_pipeline import multimodal  # noqa: E402
 from ernie5_jax.input_pipeline import sequence as seq_lib  # noqa: E402
 from ernie5_jax.input_pipeline import tokenizers as tok_lib  # noqa: E402
-from ernie5_jax.train import checkpoint  # noqa: E402
 
 NUM_CLASSES = len(digits_gen.WORDS)
 # The caption templates the data is generated with (one drawn per record); private there,

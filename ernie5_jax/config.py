@@ -388,8 +388,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   ob = config.objective
   if not 0 <= ob.loss_ema_decay < 1:
     fail("objective.loss_ema_decay", ob.loss_ema_decay, "expected 0 <= decay < 1")
-  if source != "synthetic":
-    _check_data_vocabulary(config)
   weights = tuple(ob.audio_level_weights)
   if len(weights) != m.audio_levels - 1 or any(w < 0 for w in weights):
     fail("objective.audio_level_weights", weights,
@@ -509,38 +507,6 @@ def _check_generate(config: ml_collections.ConfigDict) -> None:
   for name in ("samples_per_digit", "text_tokens"):
     if not isinstance(ge[name], int) or ge[name] < 1:
       fail(f"generate.{name}", ge[name], "expected an int >= 1")
-
-def _check_data_vocabulary(config: ml_collections.ConfigDict) -> None:
-  """Checks the model's vocabulary and audio codec against the data's; builds nothing."""
-  # Imported here: grain and jax (~1 s) are only needed for the file-backed sources.
-  from ernie5_jax.input_pipeline import multimodal  # pylint: disable=g-import-not-at-top
-  from ernie5_jax.input_pipeline import tokenizers  # pylint: disable=g-import-not-at-top
-  d, m = config.data, config.model
-  try:
-    layout = multimodal.vocabulary_layout(d)
-    if d.source == "digits_multimodal":
-      multimodal.MultimodalConfig.from_config(d).task_weights()
-  except ValueError as e:
-    raise ConfigError(f"config.{e}" if str(e).startswith("data.") else str(e)) from e
-  if d.source in ("digits_multimodal", "digits_sft"):
-    scales = tuple(tokenizers.ImageTokenizerSpec().scales)
-    for field in ("image_scales", "video_scales"):
-      want = tuple(d[field])
-      if not want or want != scales[:len(want)]:
-        fail(f"data.{field}", want, f"expected a prefix of the image tokenizer's scales "
-              f"{scales}")
-  if m.vocab_size != layout.vocab_size:
-    fail("model.vocab_size", m.vocab_size,
-          f"expected the data's vocabulary size {layout.vocab_size} "
-          f"(data.source={d.source!r}); experiments set model.vocab_size = "
-          "input_pipeline.multimodal.vocabulary_layout(config.data).vocab_size")
-  if m.audio_levels > layout.audio_levels:
-    fail("model.audio_levels", m.audio_levels,
-          f"expected 1..{layout.audio_levels} (the data's audio codec levels)")
-  if m.audio_levels > 1 and m.audio_codebook_size != layout.audio_codebook_size:
-    fail("model.audio_codebook_size", m.audio_codebook_size,
-          f"expected the data's audio codebook size {layout.audio_codebook_size}")
-
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

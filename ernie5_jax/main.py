@@ -60,9 +60,9 @@ from ml_collections import config_flags
 from ernie5_jax import config as config_lib
 
 MODES = ("train", "eval", "export", "generate", "rl", "compile")
-# config.trainer -> (the family's config module with validate(), its trainer module with
+# config.trainer -> (the module whose validate() checks the family's config, its trainer with
 # train_and_evaluate() and NonFiniteLossError); a config without `trainer` is "lm".
-FAMILIES = {"lm": ("ernie5_jax.config", "ernie5_jax.train.loop"),
+FAMILIES = {"lm": ("ernie5_jax.input_pipeline", "ernie5_jax.train.loop"),
             "m2cp": ("ernie5_jax.m2cp.config", "ernie5_jax.m2cp.train")}
 
 FLAGS = flags.FLAGS
@@ -192,7 +192,8 @@ def _run_compile() -> None:
   from ernie5_jax.aot import chips  # pylint: disable=g-import-not-at-top
   try:
     topology = chips.parse_topology(FLAGS.topology)
-    config_lib.validate(FLAGS.config)
+    from ernie5_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    input_pipeline.validate(FLAGS.config)
   except config_lib.ConfigError as e:
     sys.exit(f"error: {e}")
   if topology.chip.platform != "tpu":  # Lowering for GPUs: host devices stand in for them.

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
-from typing import Any
 
 import jax
 import ml_collections
@@ -29,6 +28,7 @@ from etils import epath
 from flax import nnx
 
 from ernie5_jax import config as config_lib
+from ernie5_jax import input_pipeline
 from ernie5_jax.model import create_model
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -249,7 +249,7 @@ def resolve_config(loc: CheckpointLocation, config: ml_collections.ConfigDict | 
         "run's --config (with its overrides)")
   else:
     config = ml_collections.ConfigDict(config.to_dict())  # Unlocked copy.
-  config_lib.validate(config)
+  input_pipeline.validate(config)
   return config
 
 

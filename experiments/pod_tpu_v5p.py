@@ -49,11 +49,8 @@ def get_config(arg: str = "B"):
   config.distributed.initialize = "always"
   config.data.update(source="digits_multimodal", global_batch_size=batch, seq_len=seq)
   # pylint: disable-next=g-import-not-at-top
-  from ernie5_jax.input_pipeline.multimodal import vocabulary_layout
-  layout = vocabulary_layout(config.data)
-  config.model.update(vocab_size=layout.vocab_size, audio_levels=layout.audio_levels,
-                      audio_codebook_size=layout.audio_codebook_size)
-  config.objective.audio_level_weights = (1.0,) * (layout.audio_levels - 1)
+  from ernie5_jax.input_pipeline.multimodal import sync_vocabulary
+  sync_vocabulary(config)  # The model's vocabulary and audio codec are the data's.
   config.optimizer.update(learning_rate=1e-3, warmup_steps=2_000)
   config.train.update(num_steps=100_000, log_every=100, checkpoint_every=1_000)
   return config

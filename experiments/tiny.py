@@ -28,12 +28,8 @@ def get_config(arg: str = "digits_multimodal"):
     config.train.num_steps = 200
     return config
   # pylint: disable-next=g-import-not-at-top
-  from ernie5_jax.input_pipeline.multimodal import vocabulary_layout
-  layout = vocabulary_layout(config.data)
-  config.model.vocab_size = layout.vocab_size
-  config.model.audio_levels = layout.audio_levels
-  config.model.audio_codebook_size = layout.audio_codebook_size
-  config.objective.audio_level_weights = (1.0,) * (layout.audio_levels - 1)
+  from ernie5_jax.input_pipeline.multimodal import sync_vocabulary
+  sync_vocabulary(config)  # The model's vocabulary and audio codec are the data's.
   config.data.seq_len = 128  # A digits document is 30-60 positions: 2-4 per row.
   config.data.global_batch_size = 8
   return config

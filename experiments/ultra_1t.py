@@ -31,11 +31,8 @@ def get_config():
   config.distributed.initialize = "always"
   config.data.update(source="digits_multimodal", global_batch_size=2048, seq_len=4096)
   # pylint: disable-next=g-import-not-at-top
-  from ernie5_jax.input_pipeline.multimodal import vocabulary_layout
-  layout = vocabulary_layout(config.data)
-  config.model.update(vocab_size=layout.vocab_size, audio_levels=layout.audio_levels,
-                      audio_codebook_size=layout.audio_codebook_size)
-  config.objective.audio_level_weights = (1.0,) * (layout.audio_levels - 1)
+  from ernie5_jax.input_pipeline.multimodal import sync_vocabulary
+  sync_vocabulary(config)  # The model's vocabulary and audio codec are the data's.
   config.optimizer.update(learning_rate=3e-4, warmup_steps=2_000)
   config.train.update(num_steps=200_000, log_every=100, checkpoint_every=500)
   return config

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ernie5_jax import store
 from ernie5_jax import elastic_export
+from ernie5_jax import store
 from ernie5_jax.eval import job
 from ernie5_jax.input_pipeline import multimodal
 from ernie5_jax.model import elastic
-from ernie5_jax.train import checkpoint, loop
+from ernie5_jax.train import loop
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train"))
 from tiny_train_config import make_tiny_config  # noqa: E402  pylint: disable=g-import-not-at-top

@@ -13,9 +13,9 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from ernie5_jax import store
 from ernie5_jax import config as config_lib
 from ernie5_jax import elastic_export
+from ernie5_jax import store
 from ernie5_jax.model import elastic
 from ernie5_jax.model.rope import text_positions
 

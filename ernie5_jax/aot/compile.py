@@ -199,7 +199,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology_name: str, 
 
   Raises ConfigError (bad topology or a mesh that does not fit it) and DoesNotFitError.
   """
-  config_lib.validate(config)
+  input_pipeline.validate(config)
   topology = chips.parse_topology(topology_name)
   if topology.chip.platform == "tpu":
     devices = chips.tpu_devices(topology)

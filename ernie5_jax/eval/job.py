@@ -41,12 +41,11 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from ernie5_jax import store
 from ernie5_jax import config as config_lib
 from ernie5_jax import input_pipeline
+from ernie5_jax import store
 from ernie5_jax.eval import routing as routing_lib
 from ernie5_jax.model import elastic
-from ernie5_jax.train import checkpoint
 from ernie5_jax.train import objective
 
 MODALITIES = input_pipeline.MODALITIES

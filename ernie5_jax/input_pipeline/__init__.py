@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ernie5_jax import config as config_lib
 from ernie5_jax.input_pipeline import synthetic
 
 # Modality ids in batch["modality"], in order; metrics use these names.
@@ -73,6 +74,45 @@ def create_dataset(config: ml_collections.ConfigDict, *, process_index: int | No
       num_modalities=d.num_modalities, seed=config.seed, shuffle_seed=d.shuffle_seed,
       local_batch_size=local_batch_size(d.global_batch_size, process_count),
       process_index=process_index, process_count=process_count)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """config_lib.validate, then the model's vocabulary and audio codec against the data's.
+
+  The data check builds nothing (it reads the tokenizers' specs); every job that feeds the
+  model data runs it before anything compiles. Raises ConfigError naming the field.
+  """
+  config_lib.validate(config)
+  if config.data.source == "synthetic":
+    return
+  # Imported here: the file-backed sources' modules pull grain and the tokenizers.
+  from ernie5_jax.input_pipeline import multimodal  # pylint: disable=g-import-not-at-top
+  from ernie5_jax.input_pipeline import tokenizers  # pylint: disable=g-import-not-at-top
+  d, m = config.data, config.model
+  try:
+    layout = multimodal.vocabulary_layout(d)
+    if d.source == "digits_multimodal":
+      multimodal.MultimodalConfig.from_config(d).task_weights()
+  except ValueError as e:
+    raise config_lib.ConfigError(f"config.{e}" if str(e).startswith("data.") else str(e)) from e
+  if d.source in ("digits_multimodal", "digits_sft"):
+    scales = tuple(tokenizers.ImageTokenizerSpec().scales)
+    for field in ("image_scales", "video_scales"):
+      want = tuple(d[field])
+      if not want or want != scales[:len(want)]:
+        config_lib.fail(f"data.{field}", want,
+                        f"expected a prefix of the image tokenizer's scales {scales}")
+  if m.vocab_size != layout.vocab_size:
+    config_lib.fail("model.vocab_size", m.vocab_size,
+                    f"expected the data's vocabulary size {layout.vocab_size} "
+                    f"(data.source={d.source!r}); experiments set it with "
+                    "input_pipeline.multimodal.sync_vocabulary(config)")
+  if m.audio_levels > layout.audio_levels:
+    config_lib.fail("model.audio_levels", m.audio_levels,
+                    f"expected 1..{layout.audio_levels} (the data's audio codec levels)")
+  if m.audio_levels > 1 and m.audio_codebook_size != layout.audio_codebook_size:
+    config_lib.fail("model.audio_codebook_size", m.audio_codebook_size,
+                    f"expected the data's audio codebook size {layout.audio_codebook_size}")
 
 
 def batch_spec(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:

@@ -311,3 +311,16 @@ def vocabulary_layout(data_cfg=None) -> seq_lib.VocabularyLayout:
       text_size=text.vocab_size, image_scales=image.scales,
       image_codebook_size=image.codebook_size, audio_levels=audio.levels,
       audio_codebook_size=audio.codebook_size, pad_id=text.pad_id, eos_id=text.eos_id)
+
+
+def sync_vocabulary(config):
+  """Sets config's model vocabulary and audio codec (and the audio level weights) from its data.
+
+  What every experiment on the embedded data does after choosing config.data; returns config.
+  """
+  layout = vocabulary_layout(config.data)
+  config.model.update(vocab_size=layout.vocab_size, audio_levels=layout.audio_levels,
+                      audio_codebook_size=layout.audio_codebook_size)
+  config.objective.audio_level_weights = (1.0,) * (layout.audio_levels - 1)
+  return config
+

@@ -51,8 +51,7 @@ from clu import metric_writers
 from etils import epath
 from flax import nnx
 
-from ernie5_jax import store
-from ernie5_jax import config as config_lib
+from ernie5_jax import input_pipeline, store
 from ernie5_jax.generate.sampling import Sampling
 from ernie5_jax.rl import buffer as buffer_lib
 from ernie5_jax.rl import objective as obj
@@ -280,7 +279,7 @@ def read_metrics(workdir: str) -> dict[int, dict[str, float]]:
 
 def train_rl(config: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, RLState]:
   """Runs (or resumes) RL post-training of config in workdir; module docstring."""
-  config_lib.validate(config)
+  input_pipeline.validate(config)
   rl, t = config.rl, config.train
   if t.init_from:
     store.locate(t.init_from)  # A wrong path fails before anything is built.

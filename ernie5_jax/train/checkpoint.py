@@ -24,7 +24,6 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-from flax import nnx
 
 from ernie5_jax import store
 from ernie5_jax.store import CheckpointMismatchError

@@ -17,10 +17,9 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from ernie5_jax import store
-from ernie5_jax import config as config_lib
 from ernie5_jax import input_pipeline
 from ernie5_jax import sharding
+from ernie5_jax import store
 from ernie5_jax.train import checkpoint, optimizer
 from ernie5_jax.train import state as state_lib
 from ernie5_jax.train import step as step_lib
@@ -67,7 +66,7 @@ def _summarize(history: list[tuple[int, dict[str, Any]]]) -> dict[str, float]:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState:
   """Trains config from the latest checkpoint in workdir (or from scratch) to train.num_steps."""
-  config_lib.validate(config)  # Before anything is built or compiled.
+  input_pipeline.validate(config)  # Before anything is built or compiled.
   t = config.train
 
   if t.init_from:  # A wrong path fails now, before the data and the model are built.

@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from ernie5_jax import store
 from ernie5_jax import config as config_lib
+from ernie5_jax import store
 from ernie5_jax.generate import media, run
 from ernie5_jax.input_pipeline.multimodal import vocabulary_layout
 from ernie5_jax.model import Decoder

@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from ernie5_jax import store
 from ernie5_jax import config as config_lib
+from ernie5_jax import store
 from ernie5_jax.input_pipeline import multimodal
 from ernie5_jax.rl import train as rl_train
 from ernie5_jax.rl import verifiers

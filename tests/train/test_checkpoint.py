@@ -10,8 +10,8 @@ import optax
 import pytest
 from flax import nnx
 
-from ernie5_jax import store
 from ernie5_jax import input_pipeline
+from ernie5_jax import store
 from ernie5_jax.model.router import RouterBias
 from ernie5_jax.train import checkpoint
 from ernie5_jax.train.state import TrainState

@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from ernie5_jax import store
 from ernie5_jax import input_pipeline
+from ernie5_jax import store
 from ernie5_jax.train import checkpoint, loop, optimizer
 from ernie5_jax.train import state as state_lib
 
