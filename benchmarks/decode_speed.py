@@ -29,7 +29,7 @@ from flax import nnx
 from benchmarks.common import write_json
 from ernie5_jax import elastic_export, store
 from ernie5_jax.generate.decode import CachedDecoder
-from ernie5_jax.generate.run import decode_tokens_per_sec
+from ernie5_jax.eval.samples import decode_tokens_per_sec
 from ernie5_jax.model import elastic
 from ernie5_jax.model.decoder import apply_variant, create_model
 

@@ -20,7 +20,7 @@ DTYPES = ("float32", "bfloat16")
 DATA_SOURCES = ("synthetic", "digits_multimodal", "digits_sft")
 TEXT_SOURCE_PREFIXES = ("tfds:", "seqio:")
 LOSS_WEIGHTINGS = ("posterior", "uniform")
-# RL post-training task families (ernie5_jax/rl/tasks.py) and losses (rl/objective.py).
+# RL post-training task families (ernie5_jax/input_pipeline/verifiable.py) and losses (rl/objective.py).
 RL_FAMILIES = ("image_digit", "video_digit", "audio_digit", "image_arithmetic",
                "caption_image")
 RL_LOSSES = ("gspo", "token_clip")
@@ -103,7 +103,7 @@ def default_config() -> ml_collections.ConfigDict:
   # "synthetic": a deterministic token source (no files; the unit tests' source);
   # "digits_multimodal": the embedded multimodal data (data/digits_multimodal + stdlib_text,
   # built on first use; experiments/tiny.py); "digits_sft": instruction SFT of the RL task
-  # families in rl.families (prompt + reference answer, loss on the answer only; rl/sft.py);
+  # families in rl.families (prompt + reference answer, loss on the answer only; input_pipeline/sft.py);
   # "tfds:NAME[/CONFIG]" / "seqio:NAME": text only from any TFDS dataset prepared as
   # ArrayRecord or a registered seqio task/mixture.
   d.source = "synthetic"
@@ -228,7 +228,7 @@ def default_config() -> ml_collections.ConfigDict:
   ev.routing_top_fraction = 0.25
   ev.plots = True  # Write PNG plots of the routing analysis (matplotlib) next to its JSON.
 
-  # --- generation: python -m ernie5_jax.main --mode=generate (ernie5_jax/generate/run.py) ---
+  # --- generation: python -m ernie5_jax.main --mode=generate (ernie5_jax/eval/samples.py) ---
   ge = c.generate = ml_collections.ConfigDict()
   ge.temperature = 1.0  # Sampling temperature; 0 = greedy (argmax).
   ge.top_p = 0.9  # Nucleus sampling mass (Holtzman et al. 2019); 1 = no cut.
@@ -242,7 +242,7 @@ def default_config() -> ml_collections.ConfigDict:
   # (rl/verifiers.py), the unbiased replay buffer (rl/buffer.py), rl.updates optimizer steps.
   rl = c.rl = ml_collections.ConfigDict()
   rl.iterations = 100  # RL iterations (rollout + updates).
-  rl.families = RL_FAMILIES  # Verifiable task families trained (rl/tasks.py).
+  rl.families = RL_FAMILIES  # Verifiable task families trained (input_pipeline/verifiable.py).
   rl.prompts_per_family = 4  # Prompts per family per iteration.
   rl.group_size = 4  # Rollouts per prompt (G); advantages are normalised within a group.
   rl.max_new_tokens = 4  # Response length cap of text families (images: one full image).

@@ -26,7 +26,7 @@ no stored config.json).
 
   python -m ernie5_jax.main --mode=generate --checkpoint=/tmp/tiny --workdir=/tmp/tiny_samples
 
---mode=generate (ernie5_jax/generate/run.py) writes text continuations, caption->image PNGs
+--mode=generate (ernie5_jax/eval/samples.py) writes text continuations, caption->image PNGs
 (scored by the digit classifier) and text->audio WAVs of --checkpoint into --workdir, with
 decode tokens/s; config.generate sets the sampling (same config rules as --mode=eval).
 
@@ -167,17 +167,17 @@ def _run_export() -> None:
 
 
 def _run_generate() -> None:
-  """--mode=generate: generate/run.py samples (text, image, audio) of --checkpoint into --workdir."""
+  """--mode=generate: eval/samples.py samples (text, image, audio) of --checkpoint into --workdir."""
   if not FLAGS.checkpoint:
     sys.exit("error: --mode=generate needs --checkpoint=PATH: a training workdir, its "
              "checkpoints/ dir, one checkpoints/<step>/ dir, or an exported model dir")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from ernie5_jax.generate import run  # pylint: disable=g-import-not-at-top
+  from ernie5_jax.eval import samples  # pylint: disable=g-import-not-at-top
   from ernie5_jax import store  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # The data builders import TF: keep JAX's memory.
   try:
-    run.generate_from_checkpoint(FLAGS.checkpoint, FLAGS.workdir, config=FLAGS.config,
+    samples.generate_from_checkpoint(FLAGS.checkpoint, FLAGS.workdir, config=FLAGS.config,
                                  override_fields=_override_fields(sys.argv[1:]))
   except (store.CheckpointNotFoundError, store.CheckpointMismatchError,
           config_lib.ConfigError) as e:

@@ -6,7 +6,7 @@
 
 The same trainer and config system as pre-training (--mode=train): only the data
 (data.source "digits_sft": prompt + reference answer of every family in rl.families, loss on
-the answer only; ernie5_jax/rl/sft.py), the start weights (train.init_from) and the schedule
+the answer only; ernie5_jax/input_pipeline/sft.py), the start weights (train.init_from) and the schedule
 differ. The model fields are tiny.py's, so any tiny pre-training run is a valid start.
 """
 

@@ -13,6 +13,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 from flax import nnx  # pylint: disable=g-import-not-at-top
 
+from ernie5_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from ernie5_jax.model import Decoder  # pylint: disable=g-import-not-at-top
 
 
@@ -30,3 +31,12 @@ def _numpy_decoder(model_config, seed: int = 0, scale: float = 0.1) -> Decoder:
 def numpy_decoder():
   """The factory (model_config, seed=0, scale=0.1) -> Decoder with numpy-drawn parameters."""
   return _numpy_decoder
+
+
+@pytest.fixture(scope="module")
+def digits_config(tmp_path_factory):
+  """The default config on the tiny embedded digits build (200 train / 50 test digits)."""
+  cfg = config_lib.default_config()
+  cfg.data.dataset = "digits_multimodal/tiny"
+  cfg.data.data_dir = str(tmp_path_factory.getbasetemp() / "shared_data")
+  return cfg

@@ -128,7 +128,7 @@ def decode_tokens_per_second(config: ml_collections.ConfigDict, model: nnx.Modul
 
   The sub-model is cut out of the full model (elastic_export.export_submodel: only its
   layers and experts, its top-k) and timed by the generation module's greedy KV-cache
-  decode (generate/run.py decode_tokens_per_sec): eval.decode_batch_size rows,
+  decode (eval/samples.py decode_tokens_per_sec): eval.decode_batch_size rows,
   eval.decode_tokens new tokens after a data.seq_len // 4 prefill; compiles excluded.
   Returns (None, reason) when eval.decode_tokens is 0 or a piece is missing.
   """
@@ -138,13 +138,13 @@ def decode_tokens_per_second(config: ml_collections.ConfigDict, model: nnx.Modul
   try:
     # pylint: disable-next=g-import-not-at-top
     from ernie5_jax import elastic_export
-    from ernie5_jax.generate import run as generate_run  # pylint: disable=g-import-not-at-top
+    from ernie5_jax.eval import samples  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     return None, f"not measured: {e}"
   sub_config, sub_state = elastic_export.export_submodel(config, nnx.state(model), sub)
   sub_model = elastic_export.build_model(sub_config, sub_state)
   prompt_len = max(1, config.data.seq_len // 4)
-  speed = generate_run.decode_tokens_per_sec(sub_config, sub_model, batch=ev.decode_batch_size,
+  speed = samples.decode_tokens_per_sec(sub_config, sub_model, batch=ev.decode_batch_size,
                                              prompt_len=prompt_len,
                                              new_tokens=ev.decode_tokens)
   how = (f"greedy KV-cache decode of the exported sub-model, batch {ev.decode_batch_size}, "

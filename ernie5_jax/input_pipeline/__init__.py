@@ -12,7 +12,7 @@ config.data.source picks the source:
   "synthetic"          synthetic.py: no files; order from data.shuffle_seed.
   "digits_multimodal"  multimodal.py: data/digits_multimodal + stdlib_text, built with the
                        tokenizers into data.data_dir on first use; records sharded per process.
-  "digits_sft"         rl/sft.py: instruction SFT documents of the RL task families
+  "digits_sft"         sft.py: instruction SFT documents of the verifiable task families
                        (config.rl.families), loss on the reference answer only.
   "tfds:NAME", "seqio:NAME"  seqio_tasks.make_text_pipeline: text only.
 Each process reads global_batch_size / process_count rows of every batch; the iterator
@@ -56,7 +56,7 @@ def create_dataset(config: ml_collections.ConfigDict, *, process_index: int | No
     return multimodal.make_multimodal_pipeline(d, seq_len=d.seq_len, batch_size=local,
                                                seed=d.shuffle_seed, **shard).dataset
   if d.source == "digits_sft":
-    from ernie5_jax.rl import sft  # pylint: disable=g-import-not-at-top
+    from ernie5_jax.input_pipeline import sft  # pylint: disable=g-import-not-at-top
     return sft.sft_dataset(config, split=d.get("split", "train"), batch_size=local,
                            seq_len=d.seq_len, seed=d.shuffle_seed,
                            families={f: 1.0 for f in config.rl.families}, **shard)

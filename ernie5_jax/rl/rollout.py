@@ -13,12 +13,12 @@ the training forward reads it, equal slot for slot to the rollout's KV cache
   max_new_tokens; positions after a row's end are padding (segment 0, mask 0).
   targets[s] = tokens[s + 1] (next token); response_mask = 1 at the positions whose target
   was generated (Lp - 1 .. Lp + len - 2).
-- image ("image"): next-scale prediction as generate/tasks.generate_images: scale k is one
+- image ("image"): next-scale prediction as generate/loops.generate_images: scale k is one
   step of s_k * s_k positions in group next_group + k (inputs SOS or the upsampled codes of
   scale k - 1); the target of a position is the code sampled AT it (the training layout of
   sequence.DocumentWriter.vision), mask 1 on every scale position; S = Lp + sum s_k^2;
   max_new_tokens is not used. response_tokens are the sampled vocabulary ids, scale by
-  scale (rl/tasks.py image_tokens' layout); complete = True.
+  scale (input_pipeline/verifiable.py image_tokens' layout); complete = True.
 
 infer_logprobs[n, s] = log_softmax(raw logits)[targets[n, s]] over the FULL vocabulary,
 under the rollout engine (its precision / sub-model), 0 where response_mask is 0. The
@@ -164,7 +164,7 @@ def _default_layout(prompts) -> seq_lib.VocabularyLayout:
 def rollout(model: nnx.Module, prompts, *, group_size: int, max_new_tokens: int,
             sampling: Sampling, rng: jax.Array, dtype=None, sub=None,
             layout: seq_lib.VocabularyLayout | None = None) -> Rollouts:
-  """Samples group_size responses per prompt of a PromptBatch (rl/tasks.py); module docstring.
+  """Samples group_size responses per prompt of a PromptBatch (input_pipeline/verifiable.py); module docstring.
 
   layout: the vocabulary layout (EOS, text / image id ranges); default prompts.layout if it
   has one, else the default data config's (input_pipeline/multimodal.vocabulary_layout).

@@ -4,7 +4,7 @@ It starts from config.train.init_from (an SFT checkpoint; see experiments/rl_dig
 runs config.rl.iterations iterations. Iteration t:
 
 1. Prompts: config.rl.prompts_per_family training prompts of every family in rl.families
-   (rl/tasks.py; indices t * P ..), optionally prefixed by an adaptive hint (rl.hints:
+   (input_pipeline/verifiable.py; indices t * P ..), optionally prefixed by an adaptive hint (rl.hints:
    p0 * exp(-gamma * t * pass_rate) of the reference answer, pass_rate of the family's last
    iteration).
 2. Rollouts (rl/rollout.py): rl.group_size samples per prompt from the KV-cache generator,
@@ -52,11 +52,11 @@ from etils import epath
 from flax import nnx
 
 from ernie5_jax import input_pipeline, store
+from ernie5_jax.input_pipeline import verifiable
 from ernie5_jax.generate.sampling import Sampling
 from ernie5_jax.rl import buffer as buffer_lib
 from ernie5_jax.rl import objective as obj
 from ernie5_jax.rl import rollout as rollout_lib
-from ernie5_jax.rl import tasks as tasks_lib
 from ernie5_jax.rl import verifiers
 from ernie5_jax.train import checkpoint, optimizer
 from ernie5_jax.train import state as state_lib
@@ -188,7 +188,7 @@ def prompt_lengths(config: ml_collections.ConfigDict) -> dict[str, int]:
   """
   out = {}
   for family in config.rl.families:
-    longest = max(tasks_lib.make_prompts(config, family, split=split, start=0,
+    longest = max(verifiable.make_prompts(config, family, split=split, start=0,
                                          num=_PROMPT_LEN_SAMPLE).fields["tokens"].shape[1]
                   for split in ("train", "test"))
     out[family] = longest + (config.rl.max_new_tokens if config.rl.hints else 0) + 4
@@ -196,19 +196,19 @@ def prompt_lengths(config: ml_collections.ConfigDict) -> dict[str, int]:
 
 
 def _prompts(config, family: str, *, split: str, start: int, num: int, length: int
-             ) -> tasks_lib.PromptBatch:
+             ) -> verifiable.PromptBatch:
   """make_prompts at the family's fixed length (the batch's own if one prompt is longer)."""
   try:
-    return tasks_lib.make_prompts(config, family, split=split, start=start, num=num,
+    return verifiable.make_prompts(config, family, split=split, start=start, num=num,
                                   prompt_len=length)
   except ValueError:  # A prompt longer than the sample's: pad to it (one more compile).
-    return tasks_lib.make_prompts(config, family, split=split, start=start, num=num)
+    return verifiable.make_prompts(config, family, split=split, start=start, num=num)
 
 
-def score(family: str, batch: tasks_lib.PromptBatch, ro: rollout_lib.Rollouts,
+def score(family: str, batch: verifiable.PromptBatch, ro: rollout_lib.Rollouts,
           context: verifiers.RewardContext) -> tuple[np.ndarray, list[dict[str, Any]]]:
   """Rewards [N] of the rollouts (NaN = dropped) and a record per dropped sample."""
-  responses = tasks_lib.full_responses(batch, ro.response_tokens, rows=ro.group_index)
+  responses = verifiable.full_responses(batch, ro.response_tokens, rows=ro.group_index)
   rewards, dropped = np.full((len(responses),), np.nan, np.float32), []
   for n, response in enumerate(responses):
     pid = int(ro.prompt_ids[n])
@@ -335,7 +335,7 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str) -> tuple[TrainStat
         if rl.hints and batch.response_kind == "text":
           pass_rate = rl_state.pass_rate.get(family, 0.0)
           frac = float(obj.hint_fraction(it, pass_rate, p0=rl.hint_p0, gamma=rl.hint_gamma))
-          batch = tasks_lib.with_hints(batch, np.full((len(batch.prompt_ids),), frac))
+          batch = verifiable.with_hints(batch, np.full((len(batch.prompt_ids),), frac))
           metrics[f"rl/hint_fraction/{family}"] = frac
         ro = rollout_lib.rollout(
             model, batch, group_size=g, max_new_tokens=rl.max_new_tokens, sampling=sampling,

@@ -1,4 +1,4 @@
-"""Rewards of the verifiable task families (rl/tasks.py): plain functions, values in [0, 1].
+"""Rewards of the verifiable task families (input_pipeline/verifiable.py): plain functions, values in [0, 1].
 
   ctx = verifiers.make_context(config)
   r = verifiers.reward("image_digit", response_tokens, answer=3, context=ctx)
@@ -11,9 +11,9 @@ response that lists several candidates ("3 or 8") gets 0, so hedging never pays.
 outside the text vocabulary before the EOS makes the response garbage: 0.0.
 
 caption_image: the response is the generated image as vocabulary ids, scale by scale
-(rl/tasks.py `image_tokens`; anything after the last scale, e.g. EOI / EOS / pad, is
+(input_pipeline/verifiable.py `image_tokens`; anything after the last scale, e.g. EOI / EOS / pad, is
 ignored). The codes are decoded to pixels by the image tokenizer and clipped to [0, 1], as
-generate/run.py does, and classified by the digit classifier trained on the real train
+eval/samples.py does, and classified by the digit classifier trained on the real train
 images (eval/digit_classifier.py). Reward 1.0 iff the predicted digit is the answer: a
 binary reward, like the text families, so pass rates compare across families (the
 classifier's p(answer) is a denser signal, but it also rewards blurry images that are
@@ -47,8 +47,8 @@ class RewardContext:
 
 def make_context(config, *, classifier: bool = True) -> RewardContext:
   """The RewardContext of config.data (tokenizers, and the digit classifier if asked)."""
-  from ernie5_jax.rl import tasks  # pylint: disable=g-import-not-at-top
-  data = tasks.task_data(config)
+  from ernie5_jax.input_pipeline import verifiable  # pylint: disable=g-import-not-at-top
+  data = verifiable.task_data(config)
   clf = None
   if classifier:
     from ernie5_jax.eval import digit_classifier  # pylint: disable=g-import-not-at-top

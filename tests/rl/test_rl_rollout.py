@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from ernie5_jax import config as config_lib
-from ernie5_jax.generate import tasks as gen_tasks
 from ernie5_jax.generate.sampling import Sampling
 from ernie5_jax.input_pipeline import sequence as seq_lib
 from ernie5_jax.model import apply_variant
 from ernie5_jax.model import elastic as elastic_lib
 from ernie5_jax.rl import rollout as rollout_lib
-from ernie5_jax.rl.tasks import PromptBatch
+from ernie5_jax.input_pipeline import prompts as prompt_lib
+from ernie5_jax.input_pipeline.verifiable import PromptBatch
 
 LAYOUT = seq_lib.VocabularyLayout(text_size=32, image_scales=(1, 2), image_codebook_size=4,
                                   audio_levels=2, audio_codebook_size=4)
@@ -38,13 +38,13 @@ def _model_config():
 
 
 def _prompts(kind: str) -> PromptBatch:
-  """Two prompts of unequal length (left padding) built with generate/tasks.pad_prompts."""
+  """Two prompts of unequal length (left padding) built with input_pipeline/prompt_lib.pad_prompts."""
   captions = [np.array([5, 6, 7], np.int32), np.array([9, 10], np.int32)]
   if kind == "text":
     docs = [seq_lib.DocumentWriter(LAYOUT).text(c).finish() for c in captions]
   else:
-    docs = [gen_tasks.image_prompt(LAYOUT, c) for c in captions]
-  padded = gen_tasks.pad_prompts(docs, audio_levels=LAYOUT.audio_levels, length=PROMPT_LEN)
+    docs = [prompt_lib.image_prompt(LAYOUT, c) for c in captions]
+  padded = prompt_lib.pad_prompts(docs, audio_levels=LAYOUT.audio_levels, length=PROMPT_LEN)
   return PromptBatch(family="test_" + kind, prompt_ids=np.array([11, 22], np.int64),
                      fields=padded.fields, next_position=padded.next_position,
                      next_group=padded.next_group, response_kind=kind,

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from ernie5_jax.rl import tasks, verifiers
+from ernie5_jax.input_pipeline import verifiable as tasks
+from ernie5_jax.rl import verifiers
 
 TEXT_FAMILIES = tuple(f for f in tasks.TASK_FAMILIES if f != "caption_image")
 

@@ -1,10 +1,10 @@
-"""Instruction SFT data: prompt + reference response of the RL task families, as training batches.
+"""Instruction SFT data: prompt + reference response of the verifiable families, as batches.
 
   it = sft.sft_batches(config, split="train", batch_size=8, seq_len=128, seed=0)
   batch = next(it)        # the pre-training batch dict (input_pipeline/multimodal.py keys)
   state = it.get_state()  # grain state: saved with the checkpoint, set_state resumes exactly
 
-Each example is the document rl/tasks.py builds for one prompt (`tasks.example`): the
+Each example is the document verifiable.py builds for one prompt (`verifiable.example`): the
 prompt's parts written by DocumentWriter exactly as pre-training writes them, then the
 reference response (text answer + EOS, or the real image's next-scale groups). loss_mask
 is 1 only where the target is a response token: text families, from the prompt's last
@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from ernie5_jax.input_pipeline import sequence as seq_lib
-from ernie5_jax.rl import tasks
+from ernie5_jax.input_pipeline import verifiable
 
 _ELEMENTS = 2**62  # Elements of the (virtually endless) example stream.
 
@@ -37,14 +37,14 @@ _ELEMENTS = 2**62  # Elements of the (virtually endless) example stream.
 def family_weights(families: Mapping[str, float] | str | None) -> dict[str, float]:
   """Validated {family: weight > 0}; None -> every family, equal weights; "a:1,b:2" accepted."""
   if families is None:
-    return {f: 1.0 for f in tasks.TASK_FAMILIES}
+    return {f: 1.0 for f in verifiable.TASK_FAMILIES}
   if isinstance(families, str):
     families = {k.strip(): float(v) for k, v in (p.split(":") for p in families.split(",") if p)}
   out = {}
   for name, w in dict(families).items():
-    if name not in tasks.TASK_FAMILIES:
+    if name not in verifiable.TASK_FAMILIES:
       raise ValueError(f"families has name={name!r}, which is not accepted: expected one of "
-                       f"{tasks.TASK_FAMILIES}")
+                       f"{verifiable.TASK_FAMILIES}")
     if float(w) < 0:
       raise ValueError(f"families[{name!r}]={w} is not accepted: expected a weight >= 0")
     if float(w) > 0:
@@ -54,12 +54,12 @@ def family_weights(families: Mapping[str, float] | str | None) -> dict[str, floa
   return out
 
 
-def sft_document(example: tasks.Example) -> dict[str, np.ndarray]:
+def sft_document(example: verifiable.Example) -> dict[str, np.ndarray]:
   """The example's full document with loss_mask 1 exactly where the target is a response id."""
   doc = dict(example.document)
   n, n_prompt = len(doc["tokens"]), len(example.prompt["tokens"])
   mask = np.zeros((n,), np.float32)
-  if tasks.RESPONSE_KINDS[example.family] == "image":
+  if verifiable.RESPONSE_KINDS[example.family] == "image":
     mask[n_prompt:] = doc["group_ids"][n_prompt:] > 0  # The image's groups (targets = codes).
   else:
     mask[n_prompt - 1:] = 1.0  # Targets: answer ids, then EOS.
@@ -67,8 +67,8 @@ def sft_document(example: tasks.Example) -> dict[str, np.ndarray]:
   return doc
 
 
-def element_example(data: tasks.TaskData, weights: Mapping[str, float], *, split: str,
-                    seed: int, element: int) -> tasks.Example:
+def element_example(data: verifiable.TaskData, weights: Mapping[str, float], *, split: str,
+                    seed: int, element: int) -> verifiable.Example:
   """The example of global stream element `element`: family and prompt from rng((seed, element))."""
   names = list(weights)
   cum = np.cumsum([weights[k] for k in names]) / sum(weights.values())
@@ -77,7 +77,7 @@ def element_example(data: tasks.TaskData, weights: Mapping[str, float], *, split
   n = data.num_records(split)
   # Pairs (image_arithmetic) range over n * n prompt indices, single records over n.
   index = int(u.integers(n * n if family == "image_arithmetic" else n))
-  return tasks.example(data, family, split, index)
+  return verifiable.example(data, family, split, index)
 
 
 def sft_dataset(config, *, split: str, batch_size: int, seq_len: int, seed: int,
@@ -88,12 +88,12 @@ def sft_dataset(config, *, split: str, batch_size: int, seq_len: int, seed: int,
   if seq_len < 2 or batch_size < 1:
     raise ValueError(f"seq_len={seq_len}, batch_size={batch_size} are not accepted: expected "
                      "seq_len >= 2 and batch_size >= 1")
-  if split not in tasks.SPLITS:
-    raise ValueError(f"split={split!r} is not accepted: expected one of {tasks.SPLITS}")
+  if split not in verifiable.SPLITS:
+    raise ValueError(f"split={split!r} is not accepted: expected one of {verifiable.SPLITS}")
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   weights = family_weights(families)
-  data = tasks.task_data(config)
+  data = verifiable.task_data(config)
 
   def to_document(g: int) -> dict[str, np.ndarray]:
     ex = element_example(data, weights, split=split, seed=seed,

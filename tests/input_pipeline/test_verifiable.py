@@ -1,23 +1,23 @@
-"""RL prompt families (ernie5_jax/rl/tasks.py) on the tiny embedded digits build."""
+"""RL prompt families (ernie5_jax/input_pipeline/verifiable.py) on the tiny embedded digits build."""
 
 import numpy as np
 import pytest
 
 from ernie5_jax.input_pipeline import sequence as S
-from ernie5_jax.rl import tasks
+from ernie5_jax.input_pipeline import verifiable as tasks
 
 NUM = 4
 _INPUTS = ("tokens", "positions", "group_ids")
 
 
 @pytest.fixture(scope="module")
-def data(config):
-  return tasks.task_data(config)
+def data(digits_config):
+  return tasks.task_data(digits_config)
 
 
 @pytest.fixture(scope="module")
-def batches(config):
-  return {f: tasks.make_prompts(config, f, split="train", start=3, num=NUM)
+def batches(digits_config):
+  return {f: tasks.make_prompts(digits_config, f, split="train", start=3, num=NUM)
           for f in tasks.TASK_FAMILIES}
 
 
@@ -42,11 +42,11 @@ def _written(data, family, index, split="train"):
 
 
 @pytest.mark.parametrize("family", tasks.TASK_FAMILIES)
-def test_prompt_layout_is_the_documents(batches, data, config, family):
+def test_prompt_layout_is_the_documents(batches, data, digits_config, family):
   b = batches[family]
   f = b.fields
   lp = f["tokens"].shape[1]
-  k = config.model.audio_levels
+  k = digits_config.model.audio_levels
   assert f["positions"].shape == (NUM, lp, 3) and f["audio_codes"].shape == (NUM, lp, k)
   assert b.response_kind == ("image" if family == "caption_image" else "text")
   for i in range(NUM):
@@ -93,34 +93,34 @@ def test_audio_prompt_is_the_pretraining_qa_document(data):
     np.testing.assert_array_equal(ex.document[key], pre[key], err_msg=key)
 
 
-def test_held_out_ids_and_records_are_disjoint(config, data):
+def test_held_out_ids_and_records_are_disjoint(digits_config, data):
   import data as data_lib
-  train = tasks.make_prompts(config, "image_digit", split="train", start=0, num=8)
-  test = tasks.make_prompts(config, "image_digit", split="test", start=0, num=8)
+  train = tasks.make_prompts(digits_config, "image_digit", split="train", start=0, num=8)
+  test = tasks.make_prompts(digits_config, "image_digit", split="test", start=0, num=8)
   assert not set(train.prompt_ids) & set(test.prompt_ids)
-  again = tasks.make_prompts(config, "image_digit", split="train", start=0, num=8)
+  again = tasks.make_prompts(digits_config, "image_digit", split="train", start=0, num=8)
   np.testing.assert_array_equal(again.prompt_ids, train.prompt_ids)  # Stable.
   assert tasks.parse_prompt_id(int(test.prompt_ids[3])) == ("image_digit", "test", 3)
   ids = {f: tasks.prompt_id(f, s, 7) for f in tasks.TASK_FAMILIES for s in tasks.SPLITS}
   assert len(set(ids.values())) == len(ids)
   # The underlying digits: the held-out split never shares one with train.
-  b = data_lib.ensure_built(config.data.dataset, data.data_dir)
+  b = data_lib.ensure_built(digits_config.data.dataset, data.data_dir)
   digit = {s: {int(b.as_data_source(s)[i]["digit_index"]) for i in range(data.num_records(s))}
            for s in tasks.SPLITS}
   assert digit["train"] and digit["test"] and not digit["train"] & digit["test"]
 
 
-def test_prompt_len_pads_and_rejects(config, batches):
+def test_prompt_len_pads_and_rejects(digits_config, batches):
   lp = batches["image_digit"].fields["tokens"].shape[1]
-  b = tasks.make_prompts(config, "image_digit", split="train", start=3, num=NUM,
+  b = tasks.make_prompts(digits_config, "image_digit", split="train", start=3, num=NUM,
                          prompt_len=lp + 5)
   np.testing.assert_array_equal(b.fields["tokens"][:, 5:], batches["image_digit"].fields["tokens"])
   with pytest.raises(ValueError, match="length="):
-    tasks.make_prompts(config, "image_digit", split="train", start=0, num=1, prompt_len=lp - 1)
+    tasks.make_prompts(digits_config, "image_digit", split="train", start=0, num=1, prompt_len=lp - 1)
   with pytest.raises(ValueError, match="family='nope'"):
-    tasks.make_prompts(config, "nope", split="train", start=0, num=1)
+    tasks.make_prompts(digits_config, "nope", split="train", start=0, num=1)
   with pytest.raises(ValueError, match="split='validation'"):
-    tasks.make_prompts(config, "image_digit", split="validation", start=0, num=1)
+    tasks.make_prompts(digits_config, "image_digit", split="validation", start=0, num=1)
 
 
 def test_hints_prefix_the_reference(data, batches):

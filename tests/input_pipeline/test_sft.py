@@ -1,9 +1,10 @@
-"""SFT batches of the RL task families (ernie5_jax/rl/sft.py): fields, loss mask, resume."""
+"""SFT batches of the RL task families (ernie5_jax/input_pipeline/sft.py): fields, loss mask, resume."""
 
 import numpy as np
 import pytest
 
-from ernie5_jax.rl import sft, tasks
+from ernie5_jax.input_pipeline import sft
+from ernie5_jax.input_pipeline import verifiable as tasks
 
 SEQ, BATCH = 96, 3
 KEYS = ("tokens", "targets", "loss_mask", "modality", "positions", "segment_ids", "group_ids",
@@ -11,13 +12,13 @@ KEYS = ("tokens", "targets", "loss_mask", "modality", "positions", "segment_ids"
 
 
 @pytest.fixture(scope="module")
-def data(config):
-  return tasks.task_data(config)
+def data(digits_config):
+  return tasks.task_data(digits_config)
 
 
 @pytest.fixture(scope="module")
-def batches(config):
-  it = sft.sft_batches(config, split="train", batch_size=BATCH, seq_len=SEQ, seed=0)
+def batches(digits_config):
+  it = sft.sft_batches(digits_config, split="train", batch_size=BATCH, seq_len=SEQ, seed=0)
   return [next(it) for _ in range(4)]
 
 
@@ -69,31 +70,31 @@ def test_batches_are_the_example_documents(batches, data):
   assert len(seen) >= 2
 
 
-def test_deterministic_and_resumes(config, batches):
-  it = sft.sft_batches(config, split="train", batch_size=BATCH, seq_len=SEQ, seed=0)
+def test_deterministic_and_resumes(digits_config, batches):
+  it = sft.sft_batches(digits_config, split="train", batch_size=BATCH, seq_len=SEQ, seed=0)
   next(it)
   state = it.get_state()
   want = [next(it) for _ in range(2)]
   np.testing.assert_array_equal(want[0]["tokens"], batches[1]["tokens"])
-  resumed = sft.sft_batches(config, split="train", batch_size=BATCH, seq_len=SEQ, seed=0)
+  resumed = sft.sft_batches(digits_config, split="train", batch_size=BATCH, seq_len=SEQ, seed=0)
   resumed.set_state(state)
   for w in want:
     got = next(resumed)
     for k in KEYS:
       np.testing.assert_array_equal(got[k], w[k], err_msg=k)
-  other = next(sft.sft_batches(config, split="train", batch_size=BATCH, seq_len=SEQ, seed=1))
+  other = next(sft.sft_batches(digits_config, split="train", batch_size=BATCH, seq_len=SEQ, seed=1))
   assert not np.array_equal(other["tokens"], batches[0]["tokens"])
 
 
-def test_family_weights_and_errors(config):
+def test_family_weights_and_errors(digits_config):
   assert sft.family_weights("image_digit:2,caption_image:0") == {"image_digit": 2.0}
   with pytest.raises(ValueError, match="name='text'"):
     sft.family_weights({"text": 1.0})
   with pytest.raises(ValueError, match="positive weight"):
     sft.family_weights({"image_digit": 0.0})
   with pytest.raises(ValueError, match="split='validation'"):
-    sft.sft_dataset(config, split="validation", batch_size=1, seq_len=SEQ, seed=0)
-  it = sft.sft_batches(config, split="train", batch_size=1, seq_len=40, seed=0,
+    sft.sft_dataset(digits_config, split="validation", batch_size=1, seq_len=SEQ, seed=0)
+  it = sft.sft_batches(digits_config, split="train", batch_size=1, seq_len=40, seed=0,
                        families={"image_arithmetic": 1.0})
   with pytest.raises(Exception, match="seq_len=40"):
     next(it)

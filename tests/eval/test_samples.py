@@ -1,4 +1,4 @@
-"""generate/run.py end to end: a stored model (model/ + config.json) -> PNG, WAV, text, report."""
+"""eval/samples.py (--mode=generate) end to end: a stored model (model/ + config.json) -> PNG, WAV, text, report."""
 
 import json
 import os
@@ -13,7 +13,8 @@ from PIL import Image
 
 from ernie5_jax import config as config_lib
 from ernie5_jax import store
-from ernie5_jax.generate import media, run
+from ernie5_jax.eval import samples as run
+from ernie5_jax.generate import media
 from ernie5_jax.input_pipeline.multimodal import vocabulary_layout
 from ernie5_jax.model import Decoder
 

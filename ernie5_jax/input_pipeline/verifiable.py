@@ -1,8 +1,8 @@
 """Verifiable prompt families from the embedded digits data, laid out as training documents.
 
-  batch = tasks.make_prompts(config, "image_digit", split="train", start=0, num=8)
-  batch.fields["tokens"]                # [8, Lp] left-padded (segment 0), generate.tasks layout
-  hinted = tasks.with_hints(batch, np.full(8, 0.5))
+  batch = verifiable.make_prompts(config, "image_digit", split="train", start=0, num=8)
+  batch.fields["tokens"]  # [8, Lp] left-padded (segment 0), as prompts.pad_prompts lays out
+  hinted = verifiable.with_hints(batch, np.full(8, 0.5))
 
 Families (TASK_FAMILIES); each prompt is written with `sequence.DocumentWriter` exactly as
 the pre-training document it comes from, so a pre-trained model already partly knows it:
@@ -12,7 +12,7 @@ the pre-training document it comes from, so a pre-trained model already partly k
   audio_digit       [BOA] keypad-tone frames [EOA] "Q: which key was pressed? A:" -> " 3" EOS
                     (the pipeline's audio QA, input_pipeline/multimodal.py)
   image_arithmetic  two images, "Q: what is the sum of the two digits? A:" -> " 12" EOS
-  caption_image     the record's caption, then BOI (generate.tasks.image_prompt) -> the image:
+  caption_image     the record's caption, then BOI (prompts.image_prompt) -> the image:
                     next-scale groups (response_kind "image")
 Text answers are the digit (or the sum, 0..18) as numerals: the image QA the data asks
 ("what digit is shown?") answers with the numeral, and so does the audio QA.
@@ -40,8 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from ernie5_jax.generate import tasks as gen_tasks
 from ernie5_jax.input_pipeline import multimodal
+from ernie5_jax.input_pipeline import prompts as prompt_lib
 from ernie5_jax.input_pipeline import sequence as seq_lib
 from ernie5_jax.input_pipeline import tokenizers as tok_lib
 
@@ -60,7 +60,7 @@ RESPONSE_KINDS = {f: ("image" if f == "caption_image" else "text") for f in TASK
 
 @dataclasses.dataclass
 class PromptBatch:
-  """Prompts of one family, left-padded (generate.tasks.pad_prompts), with their answers."""
+  """Prompts of one family, left-padded (prompts.pad_prompts), with their answers."""
   family: str
   prompt_ids: np.ndarray  # [P] int64: (family, split, index) -> id (module doc)
   fields: dict[str, np.ndarray]  # tokens [P, Lp], positions [P, Lp, 3], segment_ids [P, Lp]
@@ -201,7 +201,7 @@ def example(data: TaskData, family: str, split: str, index: int) -> Example:
   recs = [data.record(split, i) for i in record_indices(data, family, split, index)]
   if family == "caption_image":
     caption, codes = np.asarray(recs[0]["caption"], np.int32), recs[0]["image_codes"]
-    prompt = gen_tasks.image_prompt(layout, caption)
+    prompt = prompt_lib.image_prompt(layout, caption)
     document = (seq_lib.DocumentWriter(layout).text(caption, loss=False)
                 .vision([codes], seq_lib.Modality.IMAGE, generate=True).finish())
     answer, reference = int(recs[0]["label"]), image_tokens(layout, codes)
@@ -228,7 +228,7 @@ def make_prompts(config, family: str, *, split: str, start: int, num: int,
     raise ValueError(f"start={start}, num={num} are not accepted: expected start >= 0, num >= 1")
   data = task_data(config)
   examples = [example(data, family, split, start + i) for i in range(num)]
-  padded = gen_tasks.pad_prompts([e.prompt for e in examples],
+  padded = prompt_lib.pad_prompts([e.prompt for e in examples],
                                  audio_levels=int(config.model.audio_levels), length=prompt_len)
   return PromptBatch(
       family=family, prompt_ids=np.array([e.prompt_id for e in examples], np.int64),
@@ -271,7 +271,7 @@ def with_hints(batch: PromptBatch, fractions: np.ndarray) -> PromptBatch:
     hints.append(np.concatenate([batch.hints[i], hint]).astype(np.int32))
     refs.append(np.asarray(ref[k:], np.int32))
   length = max(f["tokens"].shape[1], max(len(d["tokens"]) for d in docs))
-  padded = gen_tasks.pad_prompts(docs, audio_levels=k_levels, length=length)
+  padded = prompt_lib.pad_prompts(docs, audio_levels=k_levels, length=length)
   return dataclasses.replace(batch, fields=padded.fields, next_position=padded.next_position,
                              next_group=padded.next_group, references=refs, hints=hints)
 

@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from ernie5_jax import store
-from ernie5_jax.generate import media, tasks
+from ernie5_jax.generate import loops, media
 from ernie5_jax.generate.decode import CachedDecoder, StepInputs
 from ernie5_jax.generate.sampling import GREEDY, Sampling
 from ernie5_jax.input_pipeline import multimodal
@@ -134,7 +134,7 @@ def generate_samples(config: ml_collections.ConfigDict, model: nnx.Module, out_d
 
   # Text continuation.
   prompts = [toks.text.encode(p) for p in TEXT_PROMPTS]
-  continued = tasks.generate_text(dec, layout, prompts, max_new_tokens=text_tokens,
+  continued = loops.generate_text(dec, layout, prompts, max_new_tokens=text_tokens,
                                   sampling=sampling, seed=seed)
   report["text"] = [{"prompt": p, "continuation": toks.text.decode(c)}
                     for p, c in zip(TEXT_PROMPTS, continued)]
@@ -155,7 +155,7 @@ def generate_samples(config: ml_collections.ConfigDict, model: nnx.Module, out_d
   lengths = dict(prompt_len=prompt_len,
                  cache_len=prompt_len + max(sum(s * s for s in scales), frames))
 
-  codes = tasks.generate_images(dec, layout, image_ids, scales=scales, sampling=sampling,
+  codes = loops.generate_images(dec, layout, image_ids, scales=scales, sampling=sampling,
                                 seed=seed + 1, **lengths)
   images = np.clip(toks.image.decode(codes), 0.0, 1.0)  # [N, 16, 16]
   for i, (image, label) in enumerate(zip(images, labels)):
@@ -169,7 +169,7 @@ def generate_samples(config: ml_collections.ConfigDict, model: nnx.Module, out_d
     report["image"].update(_accuracy(digit_classifier.classify(
         images, dataset=data_cfg.dataset, data_dir=data_dir), labels))
 
-  clips = tasks.generate_audio(dec, layout, audio_ids, frames=frames, sampling=sampling,
+  clips = loops.generate_audio(dec, layout, audio_ids, frames=frames, sampling=sampling,
                                seed=seed + 2, **lengths)
   waves = toks.audio.decode(clips)  # [N, frames * frame]
   for i, (w, label) in enumerate(zip(waves, audio_labels)):
