@@ -73,7 +73,7 @@ def main() -> None:
         f"{'vs full':>9}")
   for sub in subs:
     median = float(np.median(speeds[sub]))
-    active = elastic.param_counts(config, sub)["active_per_token"]
+    active = elastic_export.param_counts(config, sub)["active_per_token"]
     rows.append({"submodel": str(sub), "depth": sub.depth, "experts": sub.experts,
                  "top_k": sub.top_k, "active_params_per_token": active,
                  "tokens_per_sec": median, "all_rounds": speeds[sub],

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         "masked": (masked, (state.params, state.rest, batch, elastic.masks_for(config, sub))),
         "exported": (grad_fn(sub_graphdef, sub_config, with_masks=False),
                      (sub_params, sub_rest, batch))})
-    counts = elastic.param_counts(config, sub)
+    counts = elastic_export.param_counts(config, sub)
     rows.append({"submodel": str(sub), "depth": sub.depth, "experts": sub.experts,
                  "top_k": sub.top_k, "total_params": counts["total"],
                  "active_params_per_token": counts["active_per_token"],

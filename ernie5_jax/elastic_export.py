@@ -46,6 +46,18 @@ def abstract_model(config: ml_collections.ConfigDict) -> Decoder:
                                         rngs=nnx.Rngs(0)))
 
 
+def param_counts(config: ml_collections.ConfigDict, sub: elastic.SubModel) -> dict[str, int]:
+  """Parameters of `sub` exported: total (every array, MTP/audio heads included) and active
+  per token (total minus the routed experts a token does not use)."""
+  cfg = elastic.sub_config(config, sub)
+  total = sum(int(x.size) for x in jax.tree.leaves(nnx.state(abstract_model(cfg), nnx.Param)))
+  m = cfg.model
+  per_expert = 3 * m.d_model * m.expert_hidden  # w_gate, w_up, w_down
+  moe_layers = m.num_layers - m.num_dense_layers
+  inactive = moe_layers * (m.num_experts - m.top_k) * per_expert
+  return {"total": total, "active_per_token": total - inactive}
+
+
 def _value(leaf: Any) -> jax.Array:
   return leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
 

@@ -137,7 +137,7 @@ def test_eval_mode_writes_the_family_report(eval_out):
   subs = [elastic.SubModel(**r["submodel"]) for r in report["submodels"]]
   assert subs == elastic.family(config) == [elastic.SubModel(2, 4, 1), elastic.SubModel(2, 2, 1)]
   for row, sub in zip(report["submodels"], subs):
-    counts = elastic.param_counts(config, sub)
+    counts = elastic_export.param_counts(config, sub)
     assert row["total_params"] == counts["total"]
     assert row["active_params_per_token"] == counts["active_per_token"]
     assert set(row["loss"]) == set(row["accuracy"]) == {"text", "image"}

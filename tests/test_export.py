@@ -85,7 +85,7 @@ def test_export_equals_the_masked_full_model(scan_layers, subs, full, batch):
     assert m.num_dense_layers == 1 and not sub_config.elastic.enabled
     config_lib.validate(sub_config)
     n_params = sum(int(x.size) for x in jax.tree.leaves(sub_state.filter(nnx.Param)))
-    assert n_params == elastic.param_counts(config, sub)["total"]
+    assert n_params == elastic_export.param_counts(config, sub)["total"]
 
     logits, aux = _forward(sub_config, sub_state, batch)
     want, want_aux = masked(state, elastic.masks_for(config, sub))

@@ -13,7 +13,7 @@ far past any training run, see `held_out_batches`), the same batches for every
 sub-model, so the report is deterministic up to float summation order.
 
 For each sub-model of the family (model/elastic.py `family`): total parameters and
-active parameters per token (`param_counts`), per-modality loss and top-1 accuracy of
+active parameters per token (`elastic_export.param_counts`), per-modality loss and top-1 accuracy of
 the main head (teacher-forced CE over loss_mask, as training's loss/<modality>) under
 `masks_for(config, sub)` (one compiled program for the whole family), and decode
 tokens/s of the sub-model exported as a standalone model (`decode_tokens_per_sec`).
@@ -42,7 +42,7 @@ from absl import logging
 from flax import nnx
 
 from ernie5_jax import config as config_lib
-from ernie5_jax import input_pipeline
+from ernie5_jax import elastic_export, input_pipeline
 from ernie5_jax import store
 from ernie5_jax.eval import routing as routing_lib
 from ernie5_jax.model import elastic
@@ -137,7 +137,6 @@ def decode_tokens_per_second(config: ml_collections.ConfigDict, model: nnx.Modul
     return None, "not measured (eval.decode_tokens=0)"
   try:
     # pylint: disable-next=g-import-not-at-top
-    from ernie5_jax import elastic_export
     from ernie5_jax.eval import samples  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     return None, f"not measured: {e}"
@@ -241,7 +240,7 @@ def run_eval(checkpoint_path: str, out_dir: str, *,
   for sub in elastic.family(config):
     t0 = time.perf_counter()
     metrics = evaluate_submodel(loss_sums, batches, elastic.masks_for(config, sub))
-    counts = elastic.param_counts(config, sub)
+    counts = elastic_export.param_counts(config, sub)
     speed, how = decode_tokens_per_second(config, model, sub)
     rows.append({"submodel": {"depth": sub.depth, "experts": sub.experts, "top_k": sub.top_k},
                  "full": sub == full, "kept_layers": list(elastic.kept_layers(config, sub)),

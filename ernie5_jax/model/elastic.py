@@ -168,23 +168,6 @@ def sub_config(config: ml_collections.ConfigDict, sub: SubModel) -> ml_collectio
   return out
 
 
-def param_counts(config: ml_collections.ConfigDict, sub: SubModel) -> dict[str, int]:
-  """Parameters of `sub` exported: total (every array, MTP/audio heads included) and active
-  per token (total minus the routed experts a token does not use)."""
-  # Imported here: decoder.py imports this module.
-  from ernie5_jax.model.decoder import Decoder  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  cfg = sub_config(config, sub)
-  abstract = nnx.eval_shape(lambda: Decoder(cfg.model, mtp_depth=cfg.objective.mtp_depth,
-                                            rngs=nnx.Rngs(0)))
-  total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
-  m = cfg.model
-  per_expert = 3 * m.d_model * m.expert_hidden  # w_gate, w_up, w_down
-  moe_layers = m.num_layers - m.num_dense_layers
-  inactive = moe_layers * (m.num_experts - m.top_k) * per_expert
-  return {"total": total, "active_per_token": total - inactive}
-
-
 def _top_k_index(config: ml_collections.ConfigDict, top_k: int) -> int:
   return top_k_choices(config).index(top_k)
 

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from ernie5_jax import config as config_lib
+from ernie5_jax import elastic_export
 from ernie5_jax.model import Decoder
 from ernie5_jax.model import elastic
 from ernie5_jax.model import router as router_lib
@@ -136,11 +137,11 @@ def test_enabled_config_derives_and_accepts_explicit_choices():
 
 
 def test_param_counts(config, model):
-  full = elastic.param_counts(config, elastic.full_submodel(config))
+  full = elastic_export.param_counts(config, elastic.full_submodel(config))
   total = sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   per_expert = 3 * 32 * 16
   assert full == {"total": total, "active_per_token": total - 2 * (4 - 2) * per_expert}
-  small = elastic.param_counts(config, elastic.SubModel(2, 2, 1))
+  small = elastic_export.param_counts(config, elastic.SubModel(2, 2, 1))
   # Drops one of the 2 MoE layers, 2 of 4 experts (+ their router columns) in the other,
   # and a token uses 1 of the 2 experts left.
   moe_layer = sum(int(x.size) for x in jax.tree.leaves(
