@@ -45,6 +45,28 @@ class ConfigError(ValueError):
   """A config field holds a value that is not accepted."""
 
 
+def parse_arg(arg: str, **defaults: Any) -> ml_collections.ConfigDict:
+  """An experiment's --config=file.py:ARG as typed fields (after big_vision's parse_arg).
+
+  arg is "key=value,key=value"; each key must be one of `defaults`, whose values give the
+  type and the default ("frac=0.05,seed=1" with frac=0.02, seed=0 -> frac 0.05, seed 1).
+  An unknown key or a value of the wrong type raises ConfigError naming the accepted keys.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, arg.split(",")):
+    key, sep, value = item.partition("=")
+    if not sep or key not in defaults:
+      raise ConfigError(f"config arg item {item!r} is not accepted: expected key=value with "
+                        f"key in {tuple(defaults)}")
+    kind = type(defaults[key])
+    try:
+      out[key] = value if kind is str else kind(value)
+    except ValueError as e:
+      raise ConfigError(f"config arg {key}={value!r} is not accepted: expected a "
+                        f"{kind.__name__}") from e
+  return out
+
+
 def default_config() -> ml_collections.ConfigDict:
   """Returns the base config; experiment files override fields of it."""
   c = ml_collections.ConfigDict()

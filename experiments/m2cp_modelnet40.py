@@ -12,30 +12,26 @@ Sizes follow the public M2CP / DGCNN setup more closely (1024 points, k=20); on 
 
 import os
 
+from ernie5_jax import config as base_config
 from ernie5_jax.m2cp import config as config_lib
 
 
 def get_config(arg: str = ""):
   """Returns the ModelNet40 M2CP config."""
-  args = {}
-  for item in filter(None, arg.split(",")):
-    key, sep, value = item.partition("=")
-    if not sep or key not in ("frac", "seed", "steps", "manual_dir"):
-      raise ValueError(f"config arg item {item!r} is not accepted: expected key=value with "
-                       "key in ('frac', 'seed', 'steps', 'manual_dir')")
-    args[key] = value
+  args = base_config.parse_arg(arg, frac=0.02, seed=0, steps=20000,
+                               manual_dir=os.environ.get("M2CP_MODELNET40_DIR", ""))
   config = config_lib.default_config()
   config.data.dataset = "modelnet40"
-  config.data.manual_dir = args.get("manual_dir", os.environ.get("M2CP_MODELNET40_DIR", ""))
-  config.data.label_fraction = float(args.get("frac", 0.02))
-  config.seed = config.data.split_seed = int(args.get("seed", 0))
+  config.data.manual_dir = args.manual_dir
+  config.data.label_fraction = args.frac
+  config.seed = config.data.split_seed = args.seed
   config.data.num_points = 1024
   config.data.eval_batch_size = 32
   config.model.num_classes = 40
   config.model.knn = 20
   config.model.view_channels = (32, 64, 128, 256)
   config.model.mesh_channels = 128
-  config.train.num_steps = int(args.get("steps", 20000))
+  config.train.num_steps = args.steps
   config.train.eval_every = 2000
   config.train.checkpoint_every = 2000
   return config

@@ -85,3 +85,15 @@ def test_cli_validation_runs_before_anything_is_built():
   assert code == 1
   assert "error: config.model.top_k=9 is not accepted: expected <= model.num_experts=8" in err
   assert not os.path.exists("/nonexistent/never_created")
+
+
+def test_parse_arg_types_values_and_names_the_accepted_keys():
+  args = config_lib.parse_arg("frac=0.05,seed=1,name=x", frac=0.02, seed=0, steps=0, name="")
+  assert (args.frac, args.seed, args.steps, args.name) == (0.05, 1, 0, "x")
+  assert isinstance(args.seed, int) and isinstance(args.frac, float)
+  with pytest.raises(config_lib.ConfigError, match=r"config arg item 'bad=1' is not accepted: "
+                     r"expected key=value with key in \('frac', 'seed'\)"):
+    config_lib.parse_arg("bad=1", frac=0.02, seed=0)
+  with pytest.raises(config_lib.ConfigError, match=r"config arg seed='x' is not accepted: "
+                     r"expected a int"):
+    config_lib.parse_arg("seed=x", seed=0)

@@ -33,11 +33,10 @@ import grain
 import jax
 import numpy as np
 
+from ernie5_jax import config as config_lib
 from ernie5_jax.input_pipeline import sequence as seq_lib
 from ernie5_jax.input_pipeline import tokenizers as tok_lib
 
-DEFAULT_TASKS = {"caption_to_image": 1.0, "image_to_caption": 1.0, "video_to_text": 1.0,
-                 "audio_to_text": 1.0, "text_to_audio": 1.0, "text_to_video": 0.0, "text": 1.0}
 _CHUNK = 256  # Records encoded together.
 
 
@@ -47,37 +46,46 @@ class DataError(ValueError):
 
 @dataclasses.dataclass
 class MultimodalConfig:
-  """Fields read from the data config (missing ones keep these defaults)."""
-  data_dir: str = ""  # TFDS data_dir; "" -> $ERNIE5_DATA_DIR or ~/.cache/ernie5_jax/data.
-  dataset: str = "digits_multimodal"  # Embedded multimodal TFDS dataset ("name[/config]").
+  """The pipeline's settings: config.data's fields it reads, plus its own knobs.
+
+  The config.data fields are declared and documented once, in ernie5_jax/config.py: a
+  field missing from the data config passed in takes config.py's default (so a plain dict
+  of overrides works). The knobs after them are the pipeline's own (tests and benchmarks
+  set them; they are not config fields).
+  """
+  data_dir: str
+  dataset: str
+  split: str
+  tasks: Any  # {task: weight} or "task:w,task:w" (config.data.tasks)
+  image_scales: tuple[int, ...]
+  video_scales: tuple[int, ...]
+  video_frames: int
+  skip_corrupt: bool
   text_dataset: str = "stdlib_text"  # Embedded text corpus mixed in as plain-text documents.
-  split: str = "train"
-  tasks: Any = None  # {task: weight} or "task:w,task:w"; None -> DEFAULT_TASKS.
-  image_scales: tuple[int, ...] = (1, 2, 4)  # Prefix of the tokenizer's scales put in the stream.
-  video_scales: tuple[int, ...] = (1, 2, 4)
-  video_frames: int = 2  # Frames kept per clip, evenly spaced (first and last when 2).
   num_epochs: int = 0  # 0 = repeat forever.
   num_packing_bins: int = 0  # 0 -> 2 * batch_size.
-  skip_corrupt: bool = False  # Skip (and count) unreadable records instead of raising.
   tokenizer_seed: int = 0  # Seeds the k-means codebook fit.
   text_model: str = tok_lib.DEFAULT_MODEL  # SentencePiece model path.
 
   @classmethod
   def from_config(cls, data_cfg: Mapping | None) -> "MultimodalConfig":
     """Picks this dataclass's fields out of a ConfigDict / dict (other keys are ignored)."""
+    defaults = config_lib.default_config().data
     kwargs = {}
     for f in dataclasses.fields(cls):
       value = None
       if data_cfg is not None:
         value = data_cfg.get(f.name, None) if hasattr(data_cfg, "get") else getattr(
             data_cfg, f.name, None)
+      if value is None and f.name in defaults:
+        value = defaults[f.name]
       if value is not None:
         kwargs[f.name] = tuple(value) if f.name.endswith("_scales") else value
     return cls(**kwargs)
 
   def task_weights(self) -> dict[str, float]:
     """Validated {task: weight} with at least one positive weight."""
-    tasks = DEFAULT_TASKS if self.tasks is None else self.tasks
+    tasks = self.tasks
     if isinstance(tasks, str):
       tasks = {k.strip(): float(v) for k, v in (p.split(":") for p in tasks.split(",") if p)}
     known = seq_lib.TASKS + ("text",)

@@ -37,14 +37,14 @@ _ELEMENTS = 2**62  # Elements of the (virtually endless) example stream.
 def family_weights(families: Mapping[str, float] | str | None) -> dict[str, float]:
   """Validated {family: weight > 0}; None -> every family, equal weights; "a:1,b:2" accepted."""
   if families is None:
-    return {f: 1.0 for f in verifiable.TASK_FAMILIES}
+    return {f: 1.0 for f in verifiable.FAMILIES}
   if isinstance(families, str):
     families = {k.strip(): float(v) for k, v in (p.split(":") for p in families.split(",") if p)}
   out = {}
   for name, w in dict(families).items():
-    if name not in verifiable.TASK_FAMILIES:
+    if name not in verifiable.FAMILIES:
       raise ValueError(f"families has name={name!r}, which is not accepted: expected one of "
-                       f"{verifiable.TASK_FAMILIES}")
+                       f"{verifiable.FAMILIES}")
     if float(w) < 0:
       raise ValueError(f"families[{name!r}]={w} is not accepted: expected a weight >= 0")
     if float(w) > 0:

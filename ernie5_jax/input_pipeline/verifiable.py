@@ -4,7 +4,7 @@
   batch.fields["tokens"]  # [8, Lp] left-padded (segment 0), as prompts.pad_prompts lays out
   hinted = verifiable.with_hints(batch, np.full(8, 0.5))
 
-Families (TASK_FAMILIES); each prompt is written with `sequence.DocumentWriter` exactly as
+Families (FAMILIES = config.RL_FAMILIES); each prompt is written with `sequence.DocumentWriter` exactly as
 the pre-training document it comes from, so a pre-trained model already partly knows it:
   image_digit       [BOI] image codes [EOI] "Q: what digit is shown? A:"   -> " 3" EOS
                     (the data's own image QA, data/digits_multimodal/generate.py make_texts)
@@ -40,13 +40,13 @@ from typing import Any
 
 import numpy as np
 
+from ernie5_jax import config as config_lib
 from ernie5_jax.input_pipeline import multimodal
 from ernie5_jax.input_pipeline import prompts as prompt_lib
 from ernie5_jax.input_pipeline import sequence as seq_lib
 from ernie5_jax.input_pipeline import tokenizers as tok_lib
 
-TASK_FAMILIES = ("image_digit", "video_digit", "audio_digit", "image_arithmetic",
-                 "caption_image")
+FAMILIES = config_lib.RL_FAMILIES  # Declared once, with config.rl.families.
 SPLITS = ("train", "test")  # The data's training split and its held-out split.
 ID_STRIDE = 10**9  # Prompt indices per (family, split) in prompt ids.
 QUESTIONS = {
@@ -55,7 +55,7 @@ QUESTIONS = {
     "audio_digit": "Q: which key was pressed? A:",
     "image_arithmetic": "Q: what is the sum of the two digits? A:",
 }
-RESPONSE_KINDS = {f: ("image" if f == "caption_image" else "text") for f in TASK_FAMILIES}
+RESPONSE_KINDS = {f: ("image" if f == "caption_image" else "text") for f in FAMILIES}
 
 
 @dataclasses.dataclass
@@ -129,21 +129,21 @@ def prompt_id(family: str, split: str, index: int) -> int:
   _check(family, split)
   if not 0 <= index < ID_STRIDE:
     raise ValueError(f"index={index} is not accepted: expected 0..{ID_STRIDE - 1}")
-  return (TASK_FAMILIES.index(family) * len(SPLITS) + SPLITS.index(split)) * ID_STRIDE + index
+  return (FAMILIES.index(family) * len(SPLITS) + SPLITS.index(split)) * ID_STRIDE + index
 
 
 def parse_prompt_id(pid: int) -> tuple[str, str, int]:
   """(family, split, index) of a prompt id (inverse of prompt_id)."""
   code, index = divmod(int(pid), ID_STRIDE)
   f, s = divmod(code, len(SPLITS))
-  if not 0 <= f < len(TASK_FAMILIES):
+  if not 0 <= f < len(FAMILIES):
     raise ValueError(f"prompt id={pid} is not accepted: its family code {f} is unknown")
-  return TASK_FAMILIES[f], SPLITS[s], index
+  return FAMILIES[f], SPLITS[s], index
 
 
 def _check(family: str, split: str) -> None:
-  if family not in TASK_FAMILIES:
-    raise ValueError(f"family={family!r} is not accepted: expected one of {TASK_FAMILIES}")
+  if family not in FAMILIES:
+    raise ValueError(f"family={family!r} is not accepted: expected one of {FAMILIES}")
   if split not in SPLITS:
     raise ValueError(f"split={split!r} is not accepted: expected one of {SPLITS} ('test' is "
                      "the held-out split)")

@@ -22,7 +22,7 @@ def batches(digits_config):
   return [next(it) for _ in range(4)]
 
 
-@pytest.mark.parametrize("family", tasks.TASK_FAMILIES)
+@pytest.mark.parametrize("family", tasks.FAMILIES)
 def test_loss_mask_is_exactly_the_response(data, family):
   ex = tasks.example(data, family, "train", 2)
   doc = sft.sft_document(ex)

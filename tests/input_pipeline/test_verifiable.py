@@ -18,7 +18,7 @@ def data(digits_config):
 @pytest.fixture(scope="module")
 def batches(digits_config):
   return {f: tasks.make_prompts(digits_config, f, split="train", start=3, num=NUM)
-          for f in tasks.TASK_FAMILIES}
+          for f in tasks.FAMILIES}
 
 
 def _written(data, family, index, split="train"):
@@ -41,7 +41,7 @@ def _written(data, family, index, split="train"):
   return w.text(enc(tasks.QUESTIONS[family])).finish(), sum(r["label"] for r in recs)
 
 
-@pytest.mark.parametrize("family", tasks.TASK_FAMILIES)
+@pytest.mark.parametrize("family", tasks.FAMILIES)
 def test_prompt_layout_is_the_documents(batches, data, digits_config, family):
   b = batches[family]
   f = b.fields
@@ -64,7 +64,7 @@ def test_prompt_layout_is_the_documents(batches, data, digits_config, family):
   assert b.next_group == 1 + max(int(f["group_ids"].max()), 0)
 
 
-@pytest.mark.parametrize("family", tasks.TASK_FAMILIES)
+@pytest.mark.parametrize("family", tasks.FAMILIES)
 def test_reference_continues_the_prompt(data, family):
   ex = tasks.example(data, family, "train", 5)
   n = len(ex.prompt["tokens"])
@@ -101,7 +101,7 @@ def test_held_out_ids_and_records_are_disjoint(digits_config, data):
   again = tasks.make_prompts(digits_config, "image_digit", split="train", start=0, num=8)
   np.testing.assert_array_equal(again.prompt_ids, train.prompt_ids)  # Stable.
   assert tasks.parse_prompt_id(int(test.prompt_ids[3])) == ("image_digit", "test", 3)
-  ids = {f: tasks.prompt_id(f, s, 7) for f in tasks.TASK_FAMILIES for s in tasks.SPLITS}
+  ids = {f: tasks.prompt_id(f, s, 7) for f in tasks.FAMILIES for s in tasks.SPLITS}
   assert len(set(ids.values())) == len(ids)
   # The underlying digits: the held-out split never shares one with train.
   b = data_lib.ensure_built(digits_config.data.dataset, data.data_dir)
