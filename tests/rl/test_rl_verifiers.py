@@ -6,7 +6,7 @@ import pytest
 from ernie5_jax.input_pipeline import verifiable as tasks
 from ernie5_jax.rl import verifiers
 
-TEXT_FAMILIES = tuple(f for f in tasks.TASK_FAMILIES if f != "caption_image")
+TEXT_FAMILIES = tuple(f for f in tasks.FAMILIES if f != "caption_image")
 
 
 @pytest.fixture(scope="module")
