@@ -1,7 +1,7 @@
 """Elastic-vs-static comparison of two eval-job family reports (the issue #5 ablation).
 
 `compare` pairs the family rows of an elastic run and a static (non-elastic) run trained
-with the same budget; `markdown` renders the README table. Used by
+with the same budget; `markdown` renders the table of docs/elastic.md. Used by
 benchmarks/elastic_ablation.py and notebooks/elastic_family.ipynb.
 """
 
@@ -61,7 +61,7 @@ def compare(elastic: dict, static: dict) -> dict:
 
 
 def markdown(result: dict) -> str:
-  """The README table."""
+  """The ablation table of docs/elastic.md."""
   modalities = [m for m in ("text", "image", "video", "audio")
                 if any(m in r["elastic_loss"] for r in result["rows"])]
   head = ("| sub-model (depth, experts, top-k) | total params | active/token | "

@@ -94,7 +94,7 @@ def default_config() -> ml_collections.ConfigDict:
   # unlabelled rows), linearised around the moving-average prediction, averaged over the four
   # classifiers. Without it the confident pseudo-labels can let one class absorb a similar
   # one (2% labels, seed 2: one class took 2.3x its share, fused accuracy 75.8%; with it
-  # 1.25x and 81.1%; README "M2CP vs supervised-only").
+  # 1.25x and 81.1%; docs/m2cp.md).
   lo.class_balance_weight = 1.0
 
   # --- optimizer ----------------------------------------------------------------
