@@ -1,6 +1,6 @@
 """The eval job end to end: train a tiny model in-process, then `--mode=eval` in a fresh process.
 
-Also restore_model / locate (train/checkpoint.py) on every path form they accept, and the
+Also restore_model / locate (store.py) on every path form they accept, and the
 config.json the trainer writes.
 """
 
@@ -23,10 +23,11 @@ from ernie5_jax.input_pipeline import multimodal
 from ernie5_jax.model import elastic
 from ernie5_jax.train import loop
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "train"))
 from tiny_train_config import make_tiny_config  # noqa: E402  pylint: disable=g-import-not-at-top
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NUM_STEPS = 3  # Checkpoints at steps 2 and 3.
 
 
