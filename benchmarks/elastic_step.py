@@ -40,7 +40,7 @@ from benchmarks.common import write_json  # noqa: E402
 from ernie5_jax import config as config_lib  # noqa: E402
 from ernie5_jax import elastic_export  # noqa: E402
 from ernie5_jax import input_pipeline  # noqa: E402
-from ernie5_jax.model import elastic  # noqa: E402
+from ernie5_jax.model import create_model, elastic  # noqa: E402
 from ernie5_jax.model.flops import train_flops_per_token  # noqa: E402
 from ernie5_jax.train import optimizer  # noqa: E402
 from ernie5_jax.train import state as state_lib  # noqa: E402
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
   config.elastic.enabled = True
   config_lib.validate(config)
   tx, schedule = optimizer.create_optimizer(config)
-  graphdef, state = state_lib.init_train_state(config, tx)
+  graphdef, state = state_lib.init_train_state(lambda: create_model(config), tx)
   data = input_pipeline.create_train_iterator(config)
   batches = [jax.device_put(next(data)) for _ in range(args.steps)]
   batch = batches[0]
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
   # --- the elastic train step vs the plain one: one compile over steps with new draws ---
   plain_config = config_lib.from_json(config_lib.to_json(config))
   plain_config.elastic.enabled = False
-  _, plain_state = state_lib.init_train_state(plain_config, tx)
+  _, plain_state = state_lib.init_train_state(lambda: create_model(plain_config), tx)
   fns = {"elastic": step_lib.make_train_step(config, graphdef, tx, schedule),
          "plain": step_lib.make_train_step(plain_config, graphdef, tx, schedule)}
   states = {"elastic": state, "plain": plain_state}

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from ernie5_jax import config as config_lib  # noqa: E402
 from ernie5_jax import input_pipeline  # noqa: E402
-from ernie5_jax.model import flops  # noqa: E402
+from ernie5_jax.model import create_model, flops  # noqa: E402
 from ernie5_jax.train import optimizer  # noqa: E402
 from ernie5_jax.train import state as state_lib  # noqa: E402
 from ernie5_jax.train import step as step_lib  # noqa: E402
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
   config = runpy.run_path(args.config)["get_config"]()
   config_lib.validate(config)
   tx, schedule = optimizer.create_optimizer(config)
-  graphdef, state = state_lib.init_train_state(config, tx)
+  graphdef, state = state_lib.init_train_state(lambda: create_model(config), tx)
   train_step = step_lib.make_train_step(config, graphdef, tx, schedule)
   data = input_pipeline.create_train_iterator(config)
   batches = [jax.device_put(next(data)) for _ in range(args.steps)]  # staged: time the step only

@@ -61,7 +61,7 @@ from ernie5_jax import config as config_lib
 
 MODES = ("train", "eval", "export", "generate", "rl", "compile")
 # config.trainer -> (the module whose validate() checks the family's config, its trainer with
-# train_and_evaluate() and NonFiniteLossError); a config without `trainer` is "lm".
+# train_and_evaluate()); a config without `trainer` is "lm".
 FAMILIES = {"lm": ("ernie5_jax.input_pipeline", "ernie5_jax.train.loop"),
             "m2cp": ("ernie5_jax.m2cp.config", "ernie5_jax.m2cp.train")}
 
@@ -246,6 +246,7 @@ def main(argv: list[str]) -> None:
   distributed.maybe_initialize(FLAGS.config)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from ernie5_jax import store  # pylint: disable=g-import-not-at-top
+  from ernie5_jax.train import metrics  # pylint: disable=g-import-not-at-top
   trainer = importlib.import_module(trainer_module)
 
   # TF is only used to write TensorBoard events: hide accelerators from it so that it
@@ -262,8 +263,9 @@ def main(argv: list[str]) -> None:
   try:
     run(FLAGS.config, FLAGS.workdir)
   except (store.WorkdirError, store.CheckpointMismatchError,
-          store.CheckpointNotFoundError, trainer.NonFiniteLossError) as e:
-    # Errors the user fixes from the command line: one clear line, no traceback.
+          store.CheckpointNotFoundError, metrics.NonFiniteLossError) as e:
+    # Errors the user fixes from the command line (every trainer raises the same ones):
+    # one clear line, no traceback.
     sys.exit(f"error: {type(e).__name__}: {e}")
 
 

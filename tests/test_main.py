@@ -1,5 +1,7 @@
-"""End-to-end tests of the CLI: `python -m ernie5_jax.main` in subprocesses, real Decoder."""
+"""End-to-end tests of the CLI: `python -m ernie5_jax.main` in subprocesses, real Decoder;
+and main's one-line errors for every trainer, in process."""
 
+import importlib
 import os
 import re
 import signal
@@ -144,3 +146,34 @@ def test_unknown_mode_lists_accepted_modes(env, tmp_path):
   assert proc.returncode == 1
   assert re.search(r"flag --mode=predict: value should be one of <train\|eval\|export[|>]",
                    proc.stderr)
+
+
+@pytest.mark.parametrize("mode, config, module, run", [
+    ("train", "experiments/tiny.py", "ernie5_jax.train.loop", "train_and_evaluate"),
+    ("train", "experiments/m2cp_shapes.py", "ernie5_jax.m2cp.train", "train_and_evaluate"),
+    ("rl", "experiments/rl_digits.py", "ernie5_jax.rl.train", "train_rl"),
+])
+def test_non_finite_loss_is_one_line_for_every_trainer(mode, config, module, run, tmp_path,
+                                                       monkeypatch):
+  """Pre-training, M2CP and RL raise train/metrics.NonFiniteLossError; main prints one line."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from ernie5_jax import main  # pylint: disable=g-import-not-at-top
+  from ernie5_jax.train import metrics  # pylint: disable=g-import-not-at-top
+  message = ("non-finite loss (nan) at step 3: stopping without saving this state; the last "
+             "good checkpoint (step 2) in /w/checkpoints is kept. Lower "
+             "config.optimizer.learning_rate or check the data.")
+
+  def diverge(config, workdir):
+    raise metrics.NonFiniteLossError(message)
+
+  monkeypatch.setattr(importlib.import_module(module), run, diverge)
+  # TF may already hold its devices in this process (main hides GPUs from it at start-up).
+  monkeypatch.setattr(tf.config, "set_visible_devices", lambda *args, **kwargs: None)
+  main.parse_flags(["main", f"--config={os.path.join(REPO, config)}", f"--workdir={tmp_path}",
+                    f"--mode={mode}"])
+  try:
+    with pytest.raises(SystemExit) as info:
+      main.main(["main"])
+  finally:
+    main.FLAGS.unparse_flags()
+  assert info.value.code == f"error: NonFiniteLossError: {message}"

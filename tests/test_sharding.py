@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from ernie5_jax import config as config_lib
 from ernie5_jax import sharding
+from ernie5_jax.model import create_model
 from ernie5_jax.ops import backend, moe_expert_parallel
 from ernie5_jax.train import optimizer
 from ernie5_jax.train import state as state_lib
@@ -93,7 +94,7 @@ def abstract_state():
   config = _config(data=1, fsdp=2, expert=2, tensor=2)
   config.model.update(num_dense_layers=1, num_layers=2)
   tx, _ = optimizer.create_optimizer(config)
-  _, abstract = state_lib.abstract_train_state(config, tx)
+  _, abstract = state_lib.abstract_train_state(lambda: create_model(config), tx)
   return config, abstract
 
 

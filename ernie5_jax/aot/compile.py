@@ -41,7 +41,7 @@ from ernie5_jax import config as config_lib
 from ernie5_jax import input_pipeline, sharding
 from ernie5_jax.aot import chips, hlo
 from ernie5_jax.generate import decode
-from ernie5_jax.model import flops
+from ernie5_jax.model import create_model, flops
 from ernie5_jax.model import kv_cache as cache_lib
 from ernie5_jax.train import optimizer
 from ernie5_jax.train import state as state_lib
@@ -81,7 +81,7 @@ def _batch_axes_spec(layout: sharding.Layout, rows: int) -> Any:
 def _train_program(config, layout):
   """(jitted train step, abstract args) of the trainer, sharded as train/loop.py does."""
   tx, schedule = optimizer.create_optimizer(config)
-  graphdef, abstract = state_lib.abstract_train_state(config, tx)
+  graphdef, abstract = state_lib.abstract_train_state(lambda: create_model(config), tx)
   state_sharding = sharding.tree_shardings(abstract, layout)
   abstract = sharding.with_shardings(abstract, state_sharding)
   data_sharding = sharding.batch_sharding(layout, config.data.global_batch_size)
@@ -96,7 +96,7 @@ def _train_program(config, layout):
 def _decode_program(config, layout):
   """(jitted one-token KV-cache decode step, abstract args): global_batch_size rows, seq_len slots."""
   tx, _ = optimizer.create_optimizer(config)
-  graphdef, abstract = state_lib.abstract_train_state(config, tx)
+  graphdef, abstract = state_lib.abstract_train_state(lambda: create_model(config), tx)
   shardings = sharding.tree_shardings(abstract, layout)
   params = sharding.with_shardings(abstract.params, shardings.params)
   rest = sharding.with_shardings(abstract.rest, shardings.rest)

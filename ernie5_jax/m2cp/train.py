@@ -1,9 +1,11 @@
 """The M2CP trainer: one linear function cut into labelled sections (as ernie5_jax/train/loop.py).
 
-Reuses the LM family's TrainState (params + non-trainable rest: prototypes, prediction mean),
-orbax checkpoint module (model / optimizer / step / grain iterator state), clu writers
-and progress reporting. Metrics are fetched every train.log_every steps and before each
-checkpoint; a non-finite loss or parameter stops the run before it is saved.
+Shares the pre-training skeleton: the TrainState and its creation (train/state.py; params +
+non-trainable rest: prototypes, prediction mean), the checkpoint writer (model / optimizer /
+step / grain iterator state), clu writers and progress reporting, and train/metrics.py's
+non-finite check and interval summary. Metrics are fetched every train.log_every steps and
+before each checkpoint and eval; a non-finite loss or parameter stops the run before it is
+saved (NonFiniteLossError).
 """
 
 from __future__ import annotations
@@ -28,13 +30,11 @@ from ernie5_jax.m2cp import losses
 from ernie5_jax.m2cp import metrics as metrics_lib
 from ernie5_jax.m2cp.model import MODALITIES, M2CPModel
 from ernie5_jax.train import checkpoint
+from ernie5_jax.train import metrics as train_metrics
+from ernie5_jax.train import state as state_lib
 from ernie5_jax.train.state import TrainState
 
 EVAL_FILE = "eval_metrics.json"  # <workdir>/eval_metrics.json: {step: metrics} of each eval.
-
-
-class NonFiniteLossError(FloatingPointError):
-  """The training loss or the updated parameters became NaN or infinite."""
 
 
 def create_optimizer(config: ml_collections.ConfigDict):
@@ -44,21 +44,6 @@ def create_optimizer(config: ml_collections.ConfigDict):
                                                 max(config.train.num_steps, o.warmup_steps + 1))
   parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip else []
   return optax.chain(*parts, optax.adamw(schedule, weight_decay=o.weight_decay)), schedule
-
-
-def _new_state(model: M2CPModel, tx) -> TrainState:
-  _, params, rest = nnx.split(model, nnx.Param, ...)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
-                    opt_state=tx.init(params))
-
-
-def create_state(config, view_size: int, tx, *, abstract: bool):
-  """(graphdef, TrainState): ShapeDtypeStruct leaves if abstract, else initialised in one jit."""
-  make = lambda: M2CPModel(config.model, view_size, rngs=nnx.Rngs(config.seed))
-  graphdef, _, _ = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
-  if abstract:
-    return graphdef, jax.eval_shape(lambda: _new_state(make(), tx))
-  return graphdef, jax.jit(lambda: _new_state(make(), tx))()
 
 
 def make_train_step(config, graphdef, tx, schedule, *, with_unlabelled: bool,
@@ -167,21 +152,6 @@ def evaluate(eval_fn, state: TrainState, test_batches, labels: np.ndarray) -> di
   return metrics_lib.evaluate(outputs, labels)
 
 
-def _check_finite(pending, manager) -> None:
-  for step, m in pending:
-    loss = float(m["loss"])
-    if np.isfinite(loss) and m["params_finite"]:
-      continue
-    manager.wait_until_finished()
-    latest = manager.latest_step()
-    kept = (f"the last good checkpoint (step {latest}) in {manager.directory} is kept"
-            if latest is not None else "no checkpoint had been written yet")
-    what = (f"non-finite loss ({loss})" if not np.isfinite(loss) else
-            f"non-finite parameters after the update (loss {loss:.4g})")
-    raise NonFiniteLossError(f"{what} at step {step}: stopping without saving this state; "
-                             f"{kept}. Lower config.optimizer.learning_rate or check the data.")
-
-
 def _write_eval(workdir: str, step: int, result: dict[str, float]) -> None:
   path = os.path.join(workdir, EVAL_FILE)
   saved = {}
@@ -218,12 +188,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   # --- model + optimizer + checkpoint ---------------------------------------
   tx, schedule = create_optimizer(config)
   view_size = train["views"].shape[-1]
-  graphdef, abstract = create_state(config, view_size, tx, abstract=True)
+  create = lambda: M2CPModel(config.model, view_size, rngs=nnx.Rngs(config.seed))
+  graphdef, abstract = state_lib.abstract_train_state(create, tx)
   manager = checkpoint.create_manager(workdir, keep=t.keep_checkpoints,
                                       async_save=t.async_checkpoints)
-  state = checkpoint.restore_or_init(
-      manager, abstract, data_iter,
-      lambda: create_state(config, view_size, tx, abstract=False)[1])
+  state = checkpoint.restore_or_init(manager, abstract, data_iter,
+                                     lambda: state_lib.init_train_state(create, tx)[1])
   start_step = int(state.step)
   if start_step >= t.num_steps:
     logging.info("Nothing to do: the checkpoint at step %d already reached "
@@ -255,12 +225,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       is_eval = step % t.eval_every == 0 or is_last
       if is_log or is_save or is_eval:
         fetched = jax.device_get(unchecked)
-        _check_finite(fetched, manager)
+        train_metrics.check_finite(fetched, manager)
         history += fetched
         unchecked = []
       if is_log:
-        summary = {k: float(np.mean([m[k] for _, m in history]))
-                   for k in history[0][1] if k != "params_finite"}
+        summary = train_metrics.summarize(history)
         summary["perf/steps_per_sec"] = interval_steps / (time.perf_counter() - interval_start)
         writer.write_scalars(step, summary)
         history, interval_start, interval_steps = [], time.perf_counter(), 0

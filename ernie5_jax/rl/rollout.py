@@ -109,30 +109,35 @@ def submodel_masks(model: nnx.Module, sub) -> elastic_lib.ElasticMasks:
       top_k_index=jnp.asarray(top_ks.index(sub.top_k), jnp.int32), top_ks=top_ks)
 
 
-# Compiled decoders, reused across calls: the steps take the state as an argument, so a
-# decoder serves every state of one graph (a dtype-rounded copy included); key -> decoder.
-_DECODERS: dict[Any, CachedDecoder] = {}
+class DecoderCache:
+  """Compiled rollout decoders, kept by their owner (an RL run) to reuse across its rollouts.
 
+  The decode steps take the state as an argument, so one decoder serves every state of one
+  graph (a dtype-rounded copy included): one per (graphdef, sub-model).
+  """
 
-def _decoder(model: nnx.Module, dtype, sub) -> CachedDecoder:
-  """The CachedDecoder of the rollout copy of model (compiled once per graph and sub-model)."""
-  engine = model if dtype is None else cast_params(model, dtype)
-  graphdef, state = nnx.split(engine)
-  key = None
-  if not isinstance(sub, elastic_lib.ElasticMasks):  # Masks may be traced: not a key.
-    try:
-      key = (graphdef, sub)
-      hash(key)
-    except TypeError:
-      key = None
-  if key is not None and key in _DECODERS:
-    dec = _DECODERS[key]
-    dec.state = state
+  def __init__(self):
+    self._decoders: dict[Any, CachedDecoder] = {}
+
+  def get(self, model: nnx.Module, dtype, sub) -> CachedDecoder:
+    """The CachedDecoder of the rollout copy of model, holding that copy's state."""
+    engine = model if dtype is None else cast_params(model, dtype)
+    graphdef, state = nnx.split(engine)
+    key = None
+    if not isinstance(sub, elastic_lib.ElasticMasks):  # Masks may be traced: not a key.
+      try:
+        key = (graphdef, sub)
+        hash(key)
+      except TypeError:
+        key = None
+    if key is not None and key in self._decoders:
+      dec = self._decoders[key]
+      dec.state = state
+      return dec
+    dec = CachedDecoder(engine, elastic=None if sub is None else submodel_masks(model, sub))
+    if key is not None:
+      self._decoders[key] = dec
     return dec
-  dec = CachedDecoder(engine, elastic=None if sub is None else submodel_masks(model, sub))
-  if key is not None:
-    _DECODERS[key] = dec
-  return dec
 
 
 @jax.jit
@@ -163,11 +168,14 @@ def _default_layout(prompts) -> seq_lib.VocabularyLayout:
 # --- rollout ----------------------------------------------------------------------------------
 def rollout(model: nnx.Module, prompts, *, group_size: int, max_new_tokens: int,
             sampling: Sampling, rng: jax.Array, dtype=None, sub=None,
-            layout: seq_lib.VocabularyLayout | None = None) -> Rollouts:
+            layout: seq_lib.VocabularyLayout | None = None,
+            decoders: DecoderCache | None = None) -> Rollouts:
   """Samples group_size responses per prompt of a PromptBatch (input_pipeline/verifiable.py); module docstring.
 
   layout: the vocabulary layout (EOS, text / image id ranges); default prompts.layout if it
   has one, else the default data config's (input_pipeline/multimodal.vocabulary_layout).
+  decoders: the caller's compiled decoders, reused across its calls (an RL run keeps one);
+  None compiles this call's own.
   """
   kind = prompts.response_kind
   if kind not in RESPONSE_KINDS:
@@ -185,7 +193,7 @@ def rollout(model: nnx.Module, prompts, *, group_size: int, max_new_tokens: int,
   g = group_size
   fields = {k: np.repeat(np.asarray(prompts.fields[k]), g, axis=0) for k in _FIELDS}
   next_position = np.repeat(np.asarray(prompts.next_position, np.int32), g)
-  dec = _decoder(model, dtype, sub)
+  dec = (DecoderCache() if decoders is None else decoders).get(model, dtype, sub)
   keys = (jax.random.fold_in(rng, i) for i in range(1 << 30))
   try:
     if kind == "text":

@@ -3,7 +3,7 @@
 Metrics are fetched from the device only every train.log_every steps and before
 every checkpoint; each fetch checks every step since the last one for a
 non-finite loss, so a bad state is never saved and the error names the first
-bad step.
+bad step (train/metrics.py: the check and the summary every trainer shares).
 """
 
 from __future__ import annotations
@@ -13,55 +13,17 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 
 from ernie5_jax import input_pipeline
 from ernie5_jax import sharding
 from ernie5_jax import store
+from ernie5_jax.model import create_model
 from ernie5_jax.train import checkpoint, optimizer
+from ernie5_jax.train import metrics as metrics_lib
 from ernie5_jax.train import state as state_lib
 from ernie5_jax.train import step as step_lib
-
-
-class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN or infinite."""
-
-
-def _check_finite(pending: list[tuple[int, dict[str, Any]]], manager) -> None:
-  """Raises NonFiniteLossError at the first step whose loss or new parameters are not finite."""
-  for step, metrics in pending:
-    loss = float(metrics["loss"])
-    if np.isfinite(loss) and metrics["params_finite"]:
-      continue
-    manager.wait_until_finished()  # Let the last good checkpoint commit.
-    latest = manager.latest_step()
-    kept = (f"the last good checkpoint (step {latest}) in {manager.directory} is kept"
-            if latest is not None else "no checkpoint had been written yet")
-    what = (f"non-finite loss ({loss})" if not np.isfinite(loss) else
-            f"non-finite parameters after the update (loss {loss:.4g})")
-    raise NonFiniteLossError(
-        f"{what} at step {step}: stopping without saving this state; {kept}. "
-        "Lower config.optimizer.learning_rate or check the data.")
-
-
-def _summarize(history: list[tuple[int, dict[str, Any]]]) -> dict[str, float]:
-  """Averages per-step metrics; "<kind>/<what>" ones weighted by "tokens/<what>" if present."""
-  names = history[0][1].keys()
-  out = {}
-  for name in names:
-    if name.startswith("tokens/") or name == "params_finite":
-      continue
-    values = np.array([m[name] for _, m in history], np.float64)
-    counted = "tokens/" + name.partition("/")[2]  # loss/text, accuracy/text -> tokens/text
-    if "/" in name and counted in names:
-      counts = np.array([m[counted] for _, m in history], np.float64)
-      if counts.sum() > 0:  # Only what was present in the interval.
-        out[name] = float(np.sum(values * counts) / counts.sum())
-    else:
-      out[name] = float(values.mean())
-  return out
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState:
@@ -89,7 +51,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
 
   # --- model + optimizer ---------------------------------------------------
   tx, schedule = optimizer.create_optimizer(config)
-  graphdef, abstract = state_lib.abstract_train_state(config, tx)
+  create = lambda: create_model(config)
+  graphdef, abstract = state_lib.abstract_train_state(create, tx)
   # Every parameter, optimizer moment and RouterBias sharded by its logical axis names;
   # restoring into this target reshards a checkpoint written on any other mesh.
   state_sharding = sharding.tree_shardings(abstract, layout)
@@ -101,7 +64,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
   if t.init_from:  # Fine-tuning: the start weights come from another run's checkpoint.
     init = lambda: checkpoint.init_from(config, tx, t.init_from, sharding=state_sharding)
   else:
-    init = lambda: state_lib.init_train_state(config, tx, sharding=state_sharding)[1]
+    init = lambda: state_lib.init_train_state(create, tx, sharding=state_sharding)[1]
   state = checkpoint.restore_or_init(manager, abstract, data_iter, init)
   start_step = int(state.step)
   if start_step >= t.num_steps:
@@ -143,12 +106,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
       is_save = step % t.checkpoint_every == 0 or step == t.num_steps
       if is_log or is_save:
         fetched = jax.device_get(unchecked)
-        _check_finite(fetched, manager)
+        metrics_lib.check_finite(fetched, manager)
         history += fetched
         unchecked = []
       if is_log:
         elapsed = time.perf_counter() - interval_start
-        summary = _summarize(history)
+        summary = metrics_lib.summarize(history)
         summary["perf/tokens_per_sec"] = interval_steps * tokens_per_step / elapsed
         writer.write_scalars(step, summary)
         history, interval_start, interval_steps = [], time.perf_counter(), 0

@@ -16,6 +16,7 @@ import pytest
 
 from ernie5_jax import config as config_lib
 from ernie5_jax import input_pipeline, sharding
+from ernie5_jax.model import create_model
 from ernie5_jax.ops import moe_dispatch, moe_expert_parallel
 from ernie5_jax.train import checkpoint, loop, optimizer
 from ernie5_jax.train import state as state_lib
@@ -67,11 +68,11 @@ def _train(config, layout, initial=None):
   Returns (initial state on the host, metrics per step, final state).
   """
   tx, schedule = optimizer.create_optimizer(config)
-  graphdef, abstract = state_lib.abstract_train_state(config, tx)
+  graphdef, abstract = state_lib.abstract_train_state(lambda: create_model(config), tx)
   data = input_pipeline.create_train_iterator(config)
   batches = [next(data) for _ in range(STEPS)]
   if layout is None:  # The single-device reference.
-    _, state = state_lib.init_train_state(config, tx)
+    _, state = state_lib.init_train_state(lambda: create_model(config), tx)
     step, put = step_lib.make_train_step(config, graphdef, tx, schedule, **FAST_COMPILE), dict
   else:
     state_sharding = sharding.tree_shardings(abstract, layout)
@@ -146,7 +147,7 @@ def test_checkpoint_restores_onto_another_mesh(trained_on_mixed):
   workdir, saved, _ = trained_on_mixed
   config = tiny_config(fsdp=8)
   tx, _ = optimizer.create_optimizer(config)
-  _, abstract = state_lib.abstract_train_state(config, tx)
+  _, abstract = state_lib.abstract_train_state(lambda: create_model(config), tx)
   abstract = sharding.with_shardings(
       abstract, sharding.tree_shardings(abstract, sharding.make_layout(config)))
   manager = checkpoint.create_manager(workdir, keep=3, async_save=False)
@@ -220,7 +221,7 @@ def test_mesh_errors_name_the_axis_and_sizes():
   config = tiny_config(tensor=2)
   config.model.update(num_kv_heads=1)
   tx, _ = optimizer.create_optimizer(config)
-  _, abstract = state_lib.abstract_train_state(config, tx)
+  _, abstract = state_lib.abstract_train_state(lambda: create_model(config), tx)
   with pytest.raises(config_lib.ConfigError, match=r"parameter params/moe_layers/layers/attn/"
                      r"wk: dimension 2 \('kv_heads', size 1\) is not divisible by the mesh "
                      r"axes \('tensor',\) .*tensor=2"):

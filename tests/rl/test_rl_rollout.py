@@ -57,9 +57,16 @@ def model(numpy_decoder):
 
 
 @pytest.fixture(scope="module")
-def text(model):
+def decoders():
+  """The module's compiled decoders, as an RL run keeps its own (rollout_lib.DecoderCache)."""
+  return rollout_lib.DecoderCache()
+
+
+@pytest.fixture(scope="module")
+def text(model, decoders):
   return rollout_lib.rollout(model, _prompts("text"), group_size=G, max_new_tokens=MAX_NEW,
-                             sampling=SAMPLING, rng=jax.random.key(0), layout=LAYOUT)
+                             sampling=SAMPLING, rng=jax.random.key(0), layout=LAYOUT,
+                             decoders=decoders)
 
 
 @pytest.fixture(scope="module")
@@ -119,9 +126,10 @@ def test_cached_decode_records_the_forward_routing(model, text):
   np.testing.assert_array_equal(live[valid], text.expert_ids[valid])
 
 
-def test_image_rollout(model):
+def test_image_rollout(model, decoders):
   rolls = rollout_lib.rollout(model, _prompts("image"), group_size=G, max_new_tokens=1,
-                              sampling=SAMPLING, rng=jax.random.key(1), layout=LAYOUT)
+                              sampling=SAMPLING, rng=jax.random.key(1), layout=LAYOUT,
+                              decoders=decoders)
   total = sum(s * s for s in LAYOUT.image_scales)
   n, s = 2 * G, PROMPT_LEN + total
   assert rolls.tokens.shape == (n, s) and rolls.expert_ids.shape == (2, n, s, 2)
@@ -152,11 +160,11 @@ def _mismatch(train, infer, mask):
   return float(k1), float(k3)
 
 
-def _measure(model, dtype, seed):
+def _measure(model, decoders, dtype, seed):
   """Rollout at dtype vs f32 training, replay off / on: routing disagreement and KL."""
   rolls = rollout_lib.rollout(model, _prompts("text"), group_size=G, max_new_tokens=MAX_NEW,
                               sampling=SAMPLING, rng=jax.random.key(seed), layout=LAYOUT,
-                              dtype=dtype)
+                              dtype=dtype, decoders=decoders)
   recorded = (rolls.expert_ids >= 0) & (rolls.segment_ids > 0)[None, :, :, None]
   out = {}
   for replay in (False, True):
@@ -174,25 +182,26 @@ def _measure(model, dtype, seed):
   return out
 
 
-def test_low_precision_mismatch_and_replay(model, text):
+def test_low_precision_mismatch_and_replay(model, decoders, text):
   """bfloat16 (and float8, coarse enough to flip routing in a model this small) rollout
   engines vs f32 training: a real mismatch; replay removes the routing disagreement."""
-  bf16 = _measure(model, jnp.bfloat16, seed=0)
+  bf16 = _measure(model, decoders, jnp.bfloat16, seed=0)
   assert bf16[False]["max_dlogp"] > 0  # A real mismatch.
   assert bf16[True]["disagree"] == 0 and bf16[False]["disagree"] >= 0
-  fp8 = _measure(model, jnp.float8_e4m3fn, seed=0)
+  fp8 = _measure(model, decoders, jnp.float8_e4m3fn, seed=0)
   assert fp8[True]["disagree"] == 0 < fp8[False]["disagree"]
   # No KL assert here: in a random tiny model the quantised dense path, not routing,
   # dominates this mismatch (see the sub-model test for a routing-dominated one).
 
 
-def test_submodel_rollout_and_replay(model):
+def test_submodel_rollout_and_replay(model, decoders):
   """An elastic sub-model rollout (4 of 8 experts): its own routing is recorded, and the
   full f32 model replaying it reproduces the rollout's log-probs (the softmax normaliser
   cancels in the top-k renormalisation), while live routing does not."""
   sub = elastic_lib.SubModel(depth=2, experts=4, top_k=2)
   rolls = rollout_lib.rollout(model, _prompts("text"), group_size=G, max_new_tokens=MAX_NEW,
-                              sampling=SAMPLING, rng=jax.random.key(2), layout=LAYOUT, sub=sub)
+                              sampling=SAMPLING, rng=jax.random.key(2), layout=LAYOUT, sub=sub,
+                              decoders=decoders)
   recorded = (rolls.expert_ids >= 0) & (rolls.segment_ids > 0)[None, :, :, None]
   assert recorded.any() and rolls.expert_ids[recorded].max() < 4
   mask = rolls.response_mask
@@ -207,6 +216,16 @@ def test_submodel_rollout_and_replay(model):
   print(f"\nsub-model {sub} rollout vs full f32 train: routing disagreement off={disagree:.3f}; "
         f"KL (k1, k3) off={kl_off} on={kl_on}")
   assert disagree > 0 and abs(kl_on[1]) < 1e-3 * kl_off[1]
+
+
+def test_decoder_cache_compiles_each_step_once(model, decoders, text):
+  """A cache's decoder serves every rollout of its graph (a rounded copy too): no retrace."""
+  rollout_lib.rollout(model, _prompts("text"), group_size=G, max_new_tokens=MAX_NEW,
+                      sampling=SAMPLING, rng=jax.random.key(3), layout=LAYOUT,
+                      dtype=jnp.bfloat16, decoders=decoders)
+  dec = decoders.get(model, None, None)
+  assert dec.traces and set(dec.traces.values()) == {1}, dec.traces
+  assert rollout_lib.DecoderCache().get(model, None, None) is not dec  # Nothing global.
 
 
 def test_bad_arguments(model):

@@ -3,16 +3,20 @@
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ernie5_jax import config as config_lib
 from ernie5_jax import store
 from ernie5_jax.input_pipeline import multimodal
+from ernie5_jax.rl import objective as obj
 from ernie5_jax.rl import train as rl_train
 from ernie5_jax.rl import verifiers
+from ernie5_jax.train import metrics
 
 BAD_PROMPT = 1  # The training prompt (index) whose verifier raises.
+BAD_ITERATION = 2  # The iteration whose advantages (and so loss) are NaN.
 
 
 def _config(tmp_path_factory, iterations):
@@ -113,6 +117,34 @@ def test_failing_verifier_drops_and_reports_the_sample(runs):
   assert "RuntimeError: verifier crashed" in first[0]["error"]
   assert "non-finite reward nan" in first[1]["error"]
   assert first[0]["prompt_id"] == first[1]["prompt_id"]
+
+
+def test_non_finite_loss_stops_without_saving_and_keeps_last_good_checkpoint(
+    tmp_path_factory, tmp_path, monkeypatch):
+  config = _config(tmp_path_factory, 3)
+  real_advantages, calls = obj.group_advantages, []
+
+  def poisoned(rewards, group_size, **kwargs):  # Called once per iteration (engine.prepare).
+    calls.append(len(calls) + 1)
+    advantages = real_advantages(rewards, group_size, **kwargs)
+    return advantages * jnp.nan if calls[-1] == BAD_ITERATION else advantages
+
+  monkeypatch.setattr(obj, "group_advantages", poisoned)
+  with pytest.raises(metrics.NonFiniteLossError) as info:
+    rl_train.train_rl(config, str(tmp_path))
+  message = str(info.value)
+  assert (f"non-finite loss (nan) at iteration {BAD_ITERATION}: stopping without saving this "
+          "state; the last good checkpoint (iteration 1)") in message
+  assert "Lower config.optimizer.learning_rate" in message
+  # Iteration 2's state was never written, nor its metrics; iteration 1's checkpoint restores.
+  manager = rl_train.create_manager(str(tmp_path), keep=3)
+  assert manager.all_steps() == [1]
+  assert list(rl_train.read_metrics(str(tmp_path))) == [0, 1]
+  monkeypatch.undo()
+  config.rl.iterations = 1  # The kept checkpoint is a finished 1-iteration run.
+  state, rl_state = rl_train.train_rl(config, str(tmp_path))
+  assert rl_state.iteration == 1 and int(state.step) == config.rl.updates
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
 
 
 def test_missing_init_checkpoint_is_a_clear_error(tmp_path_factory, tmp_path):

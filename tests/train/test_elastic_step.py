@@ -9,7 +9,7 @@ import pytest
 
 from ernie5_jax import config as config_lib
 from ernie5_jax import input_pipeline
-from ernie5_jax.model import elastic
+from ernie5_jax.model import create_model, elastic
 from ernie5_jax.model import router as router_lib
 from ernie5_jax.model.router import RouterBias
 from ernie5_jax.train import state as state_lib
@@ -32,7 +32,7 @@ def setup():
                         full_experts_prob=0.3, full_top_k_prob=0.3)
   config_lib.validate(config)
   tx, schedule = optax.sgd(1.0), optax.constant_schedule(1.0)
-  graphdef, state = state_lib.init_train_state(config, tx)
+  graphdef, state = state_lib.init_train_state(lambda: create_model(config), tx)
   data = input_pipeline.create_train_iterator(config)
   return dict(config=config, graphdef=graphdef, state=state,
               train_step=step_lib.make_train_step(config, graphdef, tx, schedule),

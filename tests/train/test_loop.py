@@ -6,7 +6,8 @@ import pytest
 
 from ernie5_jax import input_pipeline
 from ernie5_jax import store
-from ernie5_jax.train import checkpoint, loop, optimizer
+from ernie5_jax.model import create_model
+from ernie5_jax.train import checkpoint, loop, metrics, optimizer
 from ernie5_jax.train import state as state_lib
 
 from tiny_train_config import make_tiny_config
@@ -27,7 +28,7 @@ def test_non_finite_loss_stops_without_saving_and_keeps_last_good_checkpoint(
     return real_create_dataset(cfg, **kw).map_with_index(inject)
 
   monkeypatch.setattr(input_pipeline, "create_dataset", poisoned)
-  with pytest.raises(loop.NonFiniteLossError) as info:
+  with pytest.raises(metrics.NonFiniteLossError) as info:
     loop.train_and_evaluate(config, str(tmp_path))
   message = str(info.value)
   assert f"non-finite loss (nan) at step {BAD_STEP}: stopping without saving" in message
@@ -36,7 +37,7 @@ def test_non_finite_loss_stops_without_saving_and_keeps_last_good_checkpoint(
   assert manager.all_steps() == [2]  # step 4 (after the bad step) was never written
   # The kept checkpoint restores into the model the config builds.
   tx, _ = optimizer.create_optimizer(config)
-  _, abstract = state_lib.abstract_train_state(config, tx)
+  _, abstract = state_lib.abstract_train_state(lambda: create_model(config), tx)
   restored = checkpoint.restore(manager, abstract, input_pipeline.create_train_iterator(config))
   assert int(restored.step) == 2
   # train.init_from: its weights start a fine-tuning run, at step 0 with a fresh optimizer.

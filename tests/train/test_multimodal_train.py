@@ -8,6 +8,7 @@ from clu import metric_writers
 from ernie5_jax import config as config_lib
 from ernie5_jax import input_pipeline
 from ernie5_jax.input_pipeline.multimodal import vocabulary_layout
+from ernie5_jax.model import create_model
 from ernie5_jax.model.heads import LossEMA
 from ernie5_jax.train import checkpoint, loop, optimizer
 from ernie5_jax.train import state as state_lib
@@ -102,7 +103,7 @@ def test_checkpointed_iterator_resumes_exactly(run, config):
   manager = checkpoint.create_manager(workdir + "/resume", keep=1, async_save=False)
   checkpoint.save(manager, state, it)
   tx, _ = optimizer.create_optimizer(config)
-  _, abstract = state_lib.abstract_train_state(config, tx)
+  _, abstract = state_lib.abstract_train_state(lambda: create_model(config), tx)
   fresh = input_pipeline.create_train_iterator(config)
   restored = checkpoint.restore(manager, abstract, fresh)
   assert int(restored.step) == NUM_STEPS

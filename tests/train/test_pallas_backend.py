@@ -9,6 +9,7 @@ import pytest
 
 from ernie5_jax import config as config_lib
 from ernie5_jax import input_pipeline
+from ernie5_jax.model import create_model
 from ernie5_jax.train import optimizer
 from ernie5_jax.train import state as state_lib
 from ernie5_jax.train import step as step_lib
@@ -29,7 +30,7 @@ def _tiny_config(data_dir, **model):
 def _losses(config, batches):
   """Per-step training losses of NUM_STEPS steps from the seed's initial state."""
   tx, schedule = optimizer.create_optimizer(config)
-  graphdef, state = state_lib.init_train_state(config, tx)
+  graphdef, state = state_lib.init_train_state(lambda: create_model(config), tx)
   train_step = step_lib.make_train_step(config, graphdef, tx, schedule)
   losses = []
   for batch in batches:

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from ernie5_jax import input_pipeline
+from ernie5_jax.model import create_model
 from ernie5_jax.model.router import RouterBias
 from ernie5_jax.train import optimizer
 from ernie5_jax.train import state as state_lib
@@ -23,7 +24,7 @@ def setup():
   config.router.update(bias_update_rate=RATE, load_balance_weight=LB_WEIGHT,
                        z_loss_weight=Z_WEIGHT)
   tx, schedule = optimizer.create_optimizer(config)
-  graphdef, state = state_lib.init_train_state(config, tx)
+  graphdef, state = state_lib.init_train_state(lambda: create_model(config), tx)
   data = input_pipeline.create_train_iterator(config)
   return dict(config=config, schedule=schedule, graphdef=graphdef, state=state,
               train_step=step_lib.make_train_step(config, graphdef, tx, schedule),
