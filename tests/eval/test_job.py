@@ -23,9 +23,7 @@ from ernie5_jax.input_pipeline import multimodal
 from ernie5_jax.model import elastic
 from ernie5_jax.train import loop
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "train"))
-from tiny_train_config import make_tiny_config  # noqa: E402  pylint: disable=g-import-not-at-top
+from tiny_train_config import make_tiny_config  # tests/train (pytest.ini pythonpath)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NUM_STEPS = 3  # Checkpoints at steps 2 and 3.

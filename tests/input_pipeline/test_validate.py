@@ -10,7 +10,7 @@ import pytest
 from ernie5_jax import config as config_lib
 from ernie5_jax import input_pipeline
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _tiny(arg=None):

@@ -64,7 +64,7 @@ def test_train_batch_deterministic_labelled_first():
             "label": np.arange(n) % 4}
   cfg = config_lib.default_config()
   cfg.data.labelled_batch_size, cfg.data.unlabelled_batch_size, cfg.data.num_points = 3, 5, 64
-  cfg.data.strong_unlabelled = False  # test_m2cp_augment covers the strong rows.
+  cfg.data.strong_unlabelled = False  # test_augment.py covers the strong rows.
   fn = data_lib.TrainBatch(arrays, np.array([0, 5]), cfg.data, seed=1, with_unlabelled=True)
   a, b = fn(7), fn(7)
   assert a["points"].shape == (8, 64, 3) and a["label"].shape == (8,)
