@@ -28,6 +28,7 @@ import re
 import numpy as np
 
 from ernie5_jax.input_pipeline import sequence as seq_lib
+from ernie5_jax.input_pipeline import verifiable
 from ernie5_jax.input_pipeline import tokenizers as tok_lib
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
@@ -47,7 +48,6 @@ class RewardContext:
 
 def make_context(config, *, classifier: bool = True) -> RewardContext:
   """The RewardContext of config.data (tokenizers, and the digit classifier if asked)."""
-  from ernie5_jax.input_pipeline import verifiable  # pylint: disable=g-import-not-at-top
   data = verifiable.task_data(config)
   clf = None
   if classifier:
@@ -115,8 +115,9 @@ def image_reward(response_tokens: np.ndarray, answer: int, *, context: RewardCon
   return float(int(context.classifier.classify(image)[0]) == int(answer))  # image [1, 16, 16]
 
 
-REWARDS = {"image_digit": text_reward, "video_digit": text_reward, "audio_digit": text_reward,
-           "image_arithmetic": text_reward, "caption_image": image_reward}
+# One reward per family of config.RL_FAMILIES, by what its responses are (verifiable.py).
+REWARDS = {f: image_reward if kind == "image" else text_reward
+           for f, kind in verifiable.RESPONSE_KINDS.items()}
 
 
 def reward(family: str, response_tokens: np.ndarray, answer: int, *,

@@ -85,3 +85,10 @@ def test_bad_family_and_missing_classifier(ctx):
   no_clf = verifiers.RewardContext(ctx.layout, ctx.tokenizers, ctx.image_scales)
   with pytest.raises(ValueError, match="context.classifier=None"):
     verifiers.reward("caption_image", np.array([1]), 1, context=no_clf)
+
+
+def test_every_configured_family_has_its_reward():
+  from ernie5_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  assert tuple(verifiers.REWARDS) == config_lib.RL_FAMILIES
+  assert verifiers.REWARDS["caption_image"] is verifiers.image_reward
+  assert verifiers.REWARDS["image_arithmetic"] is verifiers.text_reward
