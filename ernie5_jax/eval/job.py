@@ -152,37 +152,27 @@ def decode_tokens_per_second(config: ml_collections.ConfigDict, model: nnx.Modul
   return float(speed), how
 
 
-def make_routing_records(model: nnx.Module):
-  """Jitted batch -> the full model's routing, from its own forward pass (Decoder aux).
+def analyse_routing(model: nnx.Module, config: ml_collections.ConfigDict,
+                    batches: list[dict[str, np.ndarray]]) -> dict[str, Any] | None:
+  """eval/routing.py's routing_analysis of the full model on batches; None without MoE layers.
 
-  Returns {"expert_ids" [L, T, K] int32, "token_entropy" [L, T] (normalised routing
-  entropy per token)}, T = batch * seq tokens; {} for a model without MoE layers.
+  The routing is the model's own forward pass's (Decoder aux: expert_ids [L, batch, seq, K]
+  and token_entropy [L, batch, seq]); tokens are flattened to [L, T] for the analysis.
   """
+  if model.moe_layers is None:
+    return None
   graphdef, state = nnx.split(model)
 
   @jax.jit
-  def records(state, batch):
+  def routing(state, batch):
     _, aux = nnx.merge(graphdef, state).hidden_states(**batch)
-    ids, entropy = aux["expert_ids"], aux["token_entropy"]  # [L, batch, seq, K], [L, batch, seq]
-    if ids.shape[0] == 0:
-      return {}
-    return {"expert_ids": ids.reshape(ids.shape[0], -1, ids.shape[-1]),
-            "token_entropy": entropy.reshape(entropy.shape[0], -1)}
+    return aux["expert_ids"], aux["token_entropy"]
 
-  return lambda batch: jax.device_get(records(state, _model_inputs(batch)))
-
-
-def analyse_routing(model: nnx.Module, config: ml_collections.ConfigDict,
-                    batches: list[dict[str, np.ndarray]]) -> dict[str, Any] | None:
-  """eval/routing.py's routing_analysis of the full model on batches; None without MoE layers."""
-  record = make_routing_records(model)
   ids, entropy, modality, valid = [], [], [], []
   for batch in batches:
-    r = record(batch)
-    if not r:
-      return None
-    ids.append(r["expert_ids"])
-    entropy.append(r["token_entropy"])
+    expert_ids, token_entropy = jax.device_get(routing(state, _model_inputs(batch)))
+    ids.append(expert_ids.reshape(expert_ids.shape[0], -1, expert_ids.shape[-1]))  # [L, T, K]
+    entropy.append(token_entropy.reshape(token_entropy.shape[0], -1))  # [L, T]
     modality.append(np.asarray(batch["modality"]).reshape(-1))
     valid.append(np.asarray(batch["segment_ids"]).reshape(-1) > 0)
   return routing_lib.routing_analysis(
