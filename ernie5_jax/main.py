@@ -52,6 +52,7 @@ import logging as py_logging
 import os
 import runpy
 import sys
+from typing import NoReturn
 
 import ml_collections
 from absl import app, flags, logging
@@ -78,6 +79,15 @@ flags.DEFINE_string("submodel", None, "--mode=export: the elastic sub-model "
 flags.DEFINE_string("topology", None, "--mode=compile: the target, e.g. 'v5p:4x4x4' (a TPU "
                     "slice, compiled by libtpu) or 'h100:16' (GPUs, lowered); ernie5_jax/aot.")
 flags.mark_flags_as_required(["workdir"])  # --config: required by --mode=train (main).
+
+
+USAGE_ERROR = 2  # Exit status of every user-facing failure (bad flags, config, paths, data).
+
+
+def fail(message: str) -> NoReturn:
+  """Ends the process with `message` (one line naming the cause and the fix) and status 2."""
+  print(message, file=sys.stderr, flush=True)
+  sys.exit(USAGE_ERROR)
 
 
 class _QuietLibraries(py_logging.Filter):
@@ -115,10 +125,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return FLAGS(argv)
   except flags.Error as e:  # Bad values (wrong type, --mode not in MODES): absl's message.
-    sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help "
+    fail(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help "
              "on flags.")
   except (KeyError, AttributeError) as e:  # config_flags walking --config.a.b with no a.b.
-    sys.exit(f"error: {_unknown_override(argv) or e}")
+    fail(f"error: {_unknown_override(argv) or e}")
 
 
 def _override_fields(argv: list[str]) -> tuple[str, ...]:
@@ -129,7 +139,7 @@ def _override_fields(argv: list[str]) -> tuple[str, ...]:
 def _run_eval() -> None:
   """--mode=eval: eval/job.py run_eval on --checkpoint, report files into --workdir."""
   if not FLAGS.checkpoint:
-    sys.exit("error: --mode=eval needs --checkpoint=PATH: a training workdir, its "
+    fail("error: --mode=eval needs --checkpoint=PATH: a training workdir, its "
              "checkpoints/ dir, one checkpoints/<step>/ dir, or an exported model dir")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -141,13 +151,13 @@ def _run_eval() -> None:
                  override_fields=_override_fields(sys.argv[1:]))
   except (store.CheckpointNotFoundError, store.CheckpointMismatchError,
           store.WorkdirError, config_lib.ConfigError) as e:
-    sys.exit(f"error: {type(e).__name__}: {e}")
+    fail(f"error: {type(e).__name__}: {e}")
 
 
 def _run_export() -> None:
   """--mode=export: elastic_export.export_checkpoint of --submodel from --checkpoint."""
   if not FLAGS.checkpoint or not FLAGS.submodel:
-    sys.exit("error: --mode=export needs --checkpoint=PATH (a training workdir, its "
+    fail("error: --mode=export needs --checkpoint=PATH (a training workdir, its "
              "checkpoints/ dir or one checkpoints/<step>/ dir) and --submodel=depth,experts,"
              "top_k; it writes the sub-model to --workdir")
   logging.get_absl_handler().addFilter(_QuietLibraries())
@@ -162,14 +172,14 @@ def _run_export() -> None:
     out = elastic_export.export_checkpoint(FLAGS.checkpoint, sub, FLAGS.workdir, config=config)
   except (store.CheckpointNotFoundError, store.CheckpointMismatchError,
           config_lib.ConfigError, FileExistsError) as e:
-    sys.exit(f"error: {type(e).__name__}: {e}")
+    fail(f"error: {type(e).__name__}: {e}")
   logging.info("Exported sub-model %s of %s to %s.", sub, FLAGS.checkpoint, out)
 
 
 def _run_generate() -> None:
   """--mode=generate: eval/samples.py samples (text, image, audio) of --checkpoint into --workdir."""
   if not FLAGS.checkpoint:
-    sys.exit("error: --mode=generate needs --checkpoint=PATH: a training workdir, its "
+    fail("error: --mode=generate needs --checkpoint=PATH: a training workdir, its "
              "checkpoints/ dir, one checkpoints/<step>/ dir, or an exported model dir")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -181,13 +191,13 @@ def _run_generate() -> None:
                                  override_fields=_override_fields(sys.argv[1:]))
   except (store.CheckpointNotFoundError, store.CheckpointMismatchError,
           config_lib.ConfigError) as e:
-    sys.exit(f"error: {type(e).__name__}: {e}")
+    fail(f"error: {type(e).__name__}: {e}")
 
 
 def _run_compile() -> None:
   """--mode=compile: aot/compile.py run_compile of --config for --topology."""
   if FLAGS.config is None or not FLAGS.topology:
-    sys.exit("error: --mode=compile needs --config=experiments/<name>.py and --topology "
+    fail("error: --mode=compile needs --config=experiments/<name>.py and --topology "
              "(e.g. v5p:2x2x2, v5e:4x4, h100:16)")
   from ernie5_jax.aot import chips  # pylint: disable=g-import-not-at-top
   try:
@@ -195,7 +205,7 @@ def _run_compile() -> None:
     from ernie5_jax import input_pipeline  # pylint: disable=g-import-not-at-top
     input_pipeline.validate(FLAGS.config)
   except config_lib.ConfigError as e:
-    sys.exit(f"error: {e}")
+    fail(f"error: {e}")
   if topology.chip.platform != "tpu":  # Lowering for GPUs: host devices stand in for them.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
                                f"device_count={topology.num_devices}").strip()
@@ -204,7 +214,7 @@ def _run_compile() -> None:
   try:
     aot.run_compile(FLAGS.config, FLAGS.topology, FLAGS.workdir)
   except (config_lib.ConfigError, aot.DoesNotFitError) as e:
-    sys.exit(f"error: {type(e).__name__}: {e}")
+    fail(f"error: {type(e).__name__}: {e}")
 
 
 def main(argv: list[str]) -> None:
@@ -226,16 +236,16 @@ def main(argv: list[str]) -> None:
     _run_generate()
     return
   if FLAGS.config is None:
-    sys.exit(f"error: --mode={FLAGS.mode} needs --config=experiments/<name>.py")
+    fail(f"error: --mode={FLAGS.mode} needs --config=experiments/<name>.py")
   family = FLAGS.config.get("trainer", "lm")
   if family not in FAMILIES:
-    sys.exit(f"error: config.trainer={family!r} is not accepted: expected one of "
+    fail(f"error: config.trainer={family!r} is not accepted: expected one of "
              f"{sorted(FAMILIES)}")
   config_module, trainer_module = FAMILIES[family]
   try:  # The family's own validate(), before any import of the trainer or compile.
     importlib.import_module(config_module).validate(FLAGS.config)
   except config_lib.ConfigError as e:
-    sys.exit(f"error: {e}")
+    fail(f"error: {e}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
 
   # Imported here so that --help and config errors do not pay for TensorFlow's import
@@ -257,7 +267,7 @@ def main(argv: list[str]) -> None:
   run = trainer.train_and_evaluate
   if FLAGS.mode == "rl":
     if family != "lm":
-      sys.exit(f"error: --mode=rl trains the unified model: config.trainer={family!r} is not "
+      fail(f"error: --mode=rl trains the unified model: config.trainer={family!r} is not "
                "accepted (expected 'lm' or absent)")
     run = importlib.import_module("ernie5_jax.rl.train").train_rl
   try:
@@ -266,7 +276,7 @@ def main(argv: list[str]) -> None:
           store.CheckpointNotFoundError, metrics.NonFiniteLossError) as e:
     # Errors the user fixes from the command line (every trainer raises the same ones):
     # one clear line, no traceback.
-    sys.exit(f"error: {type(e).__name__}: {e}")
+    fail(f"error: {type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":

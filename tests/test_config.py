@@ -65,24 +65,24 @@ def test_heads_that_do_not_divide_d_model_are_rejected():
 
 def test_cli_unknown_key_names_the_flag_and_suggests_the_field():
   code, err = _cli("--config.model.topk=1")
-  assert code == 1
+  assert code == 2
   assert ("error: --config.model.topk is not accepted: config.model has no field 'topk'; "
           "did you mean 'top_k'?") in err
   assert "Traceback" not in err
   code, err = _cli("--config.trian.num_steps=1")
-  assert code == 1 and "config has no field 'trian'; did you mean 'train'?" in err
+  assert code == 2 and "config has no field 'trian'; did you mean 'train'?" in err
 
 
 def test_cli_wrong_type_names_the_flag():
   code, err = _cli("--config.model.top_k=two")
-  assert code == 1
+  assert code == 2
   assert "flag --config.model.top_k=two: invalid literal for int()" in err
   assert "Traceback" not in err
 
 
 def test_cli_validation_runs_before_anything_is_built():
   code, err = _cli("--config.model.top_k=9")
-  assert code == 1
+  assert code == 2
   assert "error: config.model.top_k=9 is not accepted: expected <= model.num_experts=8" in err
   assert not os.path.exists("/nonexistent/never_created")
 

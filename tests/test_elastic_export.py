@@ -173,11 +173,11 @@ def test_cli_export(tmp_path):
 
   proc = _cli(f"--checkpoint={tmp_path / 'empty'}", "--submodel=2,3,1",
               f"--workdir={tmp_path / 'x'}")
-  assert proc.returncode == 1 and "Traceback" not in proc.stderr
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert "error: CheckpointNotFoundError: checkpoint path" in proc.stderr
   proc = _cli(f"--checkpoint={workdir}", "--submodel=3,4,3", f"--workdir={tmp_path / 'x'}")
-  assert proc.returncode == 1 and "Traceback" not in proc.stderr
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert "error: ConfigError: SubModel(depth=3,experts=4,top_k=3): top_k=3 is not accepted" \
       in proc.stderr
   proc = _cli(f"--checkpoint={workdir}", f"--workdir={tmp_path / 'x'}")
-  assert proc.returncode == 1 and "--mode=export needs --checkpoint=PATH" in proc.stderr
+  assert proc.returncode == 2 and "--mode=export needs --checkpoint=PATH" in proc.stderr

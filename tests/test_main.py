@@ -135,7 +135,7 @@ def test_run_sigkill_resume_and_rerun(env, tmp_path):
 def test_unwritable_workdir_is_a_clear_error(env, tmp_path):
   (tmp_path / "file").write_text("")
   proc = _run(env, tmp_path / "file" / "run", check=False)
-  assert proc.returncode == 1
+  assert proc.returncode == 2
   assert re.search(r"error: WorkdirError: --workdir=.*file/run' is not accepted: expected a "
                    r"directory this process can create and write", proc.stderr)
   assert "Traceback" not in proc.stderr
@@ -143,7 +143,7 @@ def test_unwritable_workdir_is_a_clear_error(env, tmp_path):
 
 def test_unknown_mode_lists_accepted_modes(env, tmp_path):
   proc = _run(env, tmp_path, "--mode=predict", check=False)
-  assert proc.returncode == 1
+  assert proc.returncode == 2
   assert re.search(r"flag --mode=predict: value should be one of <train\|eval\|export[|>]",
                    proc.stderr)
 
@@ -153,7 +153,7 @@ def test_unknown_mode_lists_accepted_modes(env, tmp_path):
     ("train", "experiments/m2cp_shapes.py", "ernie5_jax.m2cp.train", "train_and_evaluate"),
     ("rl", "experiments/rl_digits.py", "ernie5_jax.rl.train", "train_rl"),
 ])
-def test_non_finite_loss_is_one_line_for_every_trainer(mode, config, module, run, tmp_path,
+def test_non_finite_loss_is_one_line_for_every_trainer(mode, config, module, run, tmp_path, capsys,
                                                        monkeypatch):
   """Pre-training, M2CP and RL raise train/metrics.NonFiniteLossError; main prints one line."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -176,4 +176,6 @@ def test_non_finite_loss_is_one_line_for_every_trainer(mode, config, module, run
       main.main(["main"])
   finally:
     main.FLAGS.unparse_flags()
-  assert info.value.code == f"error: NonFiniteLossError: {message}"
+  assert info.value.code == main.USAGE_ERROR == 2
+  assert capsys.readouterr().err.strip().splitlines()[-1] == (
+      f"error: NonFiniteLossError: {message}")

@@ -67,7 +67,7 @@ def test_cli_vocab_override_is_one_clear_line():
       [sys.executable, "-m", "ernie5_jax.main", "--config=experiments/tiny.py",
        "--workdir=/nonexistent/never_created", "--config.model.vocab_size=128"],
       cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert proc.returncode == 1
+  assert proc.returncode == 2
   assert "error: config.model.vocab_size=128 is not accepted: expected the data's vocabulary" \
       in proc.stderr
   assert "Traceback" not in proc.stderr
