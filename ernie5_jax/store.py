@@ -120,7 +120,7 @@ def load_config(path: str) -> ml_collections.ConfigDict:
   An LM config gets the fields added to default_config() since the run was trained, with
   their defaults (e.g. an older run's config has no `eval` section).
   """
-  p = epath.Path(path)
+  p = resolve_path(path)
   if p.is_dir():
     p = p / CONFIG_FILE
   if not p.exists():
@@ -158,13 +158,20 @@ def _steps(directory: epath.Path) -> list[int]:
                 if d.name.isdigit() and (d / MODEL_ITEM).is_dir())
 
 
+def resolve_path(path: str) -> epath.Path:
+  """`path` as an absolute epath: local paths against the current directory; gs:// and the
+  like as given. orbax reads no metadata from a relative path (its StandardCheckpointer
+  returns None there, which would read as "every array missing")."""
+  return epath.Path(path if "://" in str(path) else os.path.abspath(path))
+
+
 def locate(path: str, step: int | None = None) -> CheckpointLocation:
   """Resolves a workdir / checkpoints dir / step dir / exported dir to its model and config.
 
   `step` picks a step of a workdir or checkpoints/ dir (default: the latest). Raises
   CheckpointNotFoundError naming the path and the layouts accepted.
   """
-  p = epath.Path(path)
+  p = resolve_path(path)
   if not p.exists():
     raise CheckpointNotFoundError(f"checkpoint path {path!r} does not exist: {_EXPECTED}")
   if (p / MODEL_ITEM).is_dir():  # A step directory or an exported model.

@@ -15,7 +15,6 @@ path alone (ernie5_jax/store.py).
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable
 
 import grain
@@ -23,7 +22,6 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
-from etils import epath
 
 from ernie5_jax import store
 from ernie5_jax.store import CheckpointMismatchError
@@ -48,9 +46,7 @@ def create_manager(workdir: str, *, keep: int, async_save: bool, data: bool = Tr
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                          create=True, cleanup_tmp_directories=True)
   # orbax needs an absolute path (a relative --workdir fails inside the async save).
-  directory = epath.Path(workdir)
-  if "://" not in workdir:  # Local paths; gs:// and the like are already absolute.
-    directory = epath.Path(os.path.abspath(workdir))
+  directory = store.resolve_path(workdir)
   return ocp.CheckpointManager(directory / store.CHECKPOINT_SUBDIR, options=options,
                                item_handlers=handlers)
 
