@@ -1,0 +1,55 @@
+"""The README's CLI commands, run exactly as written (relative paths included), in order.
+
+They run in a scratch directory laid out like the checkout (`.venv` and `experiments`
+linked), so that the relative `workdirs/...` paths they write do not touch the checkout's
+own. The install and pytest commands are what CI itself runs (.ci/run), so they are not
+repeated here.
+"""
+
+import json
+import os
+import pathlib
+import re
+import shlex
+import subprocess
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PREFIX = ".venv/bin/python -m ernie5_jax.main"
+
+
+def readme_commands() -> list[str]:
+  """The README's `python -m ernie5_jax.main` command lines, in order (continuations joined)."""
+  text = re.sub(r"\\\n\s*", "", (REPO / "README.md").read_text())
+  return [line.strip() for line in text.splitlines() if line.strip().startswith(PREFIX)]
+
+
+def test_the_readme_shows_the_main_job_and_its_follow_ups():
+  modes = [re.search(r"--mode=(\w+)", c) for c in readme_commands()]
+  assert [m.group(1) if m else "train" for m in modes] == [
+      "train", "eval", "export", "generate", "compile"]
+
+
+@pytest.mark.slow
+def test_readme_commands_run_as_written(tmp_path_factory):
+  scratch = tmp_path_factory.mktemp("readme")
+  for name in (".venv", "experiments"):
+    (scratch / name).symlink_to(REPO / name)
+  env = dict(os.environ, ERNIE5_DATA_DIR=str(tmp_path_factory.getbasetemp() / "shared_data"))
+  env.pop("JAX_PLATFORMS", None)  # As a user's shell has it: main.py keeps JAX off the TPU probe.
+  for command in readme_commands():
+    proc = subprocess.run(shlex.split(command), cwd=scratch, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, f"{command}\n{proc.stderr[-3000:]}"
+    assert "libtpu" not in proc.stderr and "TPU_WORKER_HOSTNAMES" not in proc.stderr, command
+  work = scratch / "workdirs"
+  assert (work / "tiny" / "checkpoints" / "300" / "model").is_dir()
+  report = json.loads((work / "tiny" / "eval" / "family_report.json").read_text())
+  assert report
+  assert (work / "tiny_2_4_1" / "model").is_dir()
+  assert (work / "tiny" / "samples" / "report.json").is_file()
+  compiled = json.loads((work / "compile_tiny" / "compile_report.json").read_text())
+  train = compiled["programs"][0]
+  assert compiled["topology"] == "v5p:2x2x1" and train["fits"]
+  assert train["kernels"]["mosaic_kernels"] > 0
