@@ -91,6 +91,11 @@ class Layout:
     """Number of shards of a dimension split over `axes`."""
     return math.prod(self.mesh.shape[a] for a in axes)
 
+  def dividing_axes(self, name: str, dim: int) -> tuple[str, ...]:
+    """axes(name) if they divide a dimension of size `dim`, else () (the dimension stays whole)."""
+    axes = self.axes(name)
+    return axes if dim % self.size(axes) == 0 else ()
+
 
 def make_layout(config: ml_collections.ConfigDict,
                 devices: Sequence[jax.Device] | None = None, *,

@@ -73,11 +73,6 @@ class ProgramReport:
   fits: bool | None = None
 
 
-def _batch_axes_spec(layout: sharding.Layout, rows: int) -> Any:
-  axes = layout.axes(sharding.BATCH)
-  return (axes or None) if rows % layout.size(axes) == 0 else None
-
-
 def _train_program(config, layout):
   """(jitted train step, abstract args) of the trainer, sharded as train/loop.py does."""
   tx, schedule = optimizer.create_optimizer(config)
@@ -95,16 +90,12 @@ def _train_program(config, layout):
 
 def _decode_program(config, layout):
   """(jitted one-token KV-cache decode step, abstract args): global_batch_size rows, seq_len slots."""
-  tx, _ = optimizer.create_optimizer(config)
-  graphdef, abstract = state_lib.abstract_train_state(lambda: create_model(config), tx)
-  shardings = sharding.tree_shardings(abstract, layout)
-  params = sharding.with_shardings(abstract.params, shardings.params)
-  rest = sharding.with_shardings(abstract.rest, shardings.rest)
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: create_model(config)))
+  state = sharding.with_shardings(abstract, sharding.tree_shardings(abstract, layout))
   m, rows, slots = config.model, config.data.global_batch_size, config.data.seq_len
   layers = m.num_layers
-  kv_axes = layout.axes("kv_heads")
-  kv = (kv_axes or None) if m.num_kv_heads % layout.size(kv_axes) == 0 else None
-  row = _batch_axes_spec(layout, rows)
+  kv = layout.dividing_axes("kv_heads", m.num_kv_heads) or None
+  row = layout.dividing_axes(sharding.BATCH, rows) or None
   put = lambda shape, dtype, spec: jax.ShapeDtypeStruct(
       shape, dtype, sharding=NamedSharding(layout.mesh, spec))
   dtype = jnp.dtype(m.dtype)
@@ -121,13 +112,13 @@ def _decode_program(config, layout):
   inputs = decode.StepInputs(tokens=ids(), positions=ids(3), segment_ids=ids(), group_ids=ids(),
                              audio_codes=ids(m.audio_levels))
 
-  def decode_step(params, rest, cache, inputs):
-    model = nnx.merge(graphdef, params, rest)
+  def decode_step(state, cache, inputs):
+    model = nnx.merge(graphdef, state)
     logits, aux = model(inputs.tokens, inputs.positions, inputs.segment_ids, inputs.group_ids,
                         inputs.audio_codes, cache=cache)
     return logits, aux["cache"]  # [rows, 1, vocab] float32
 
-  return jax.jit(decode_step, donate_argnames=("cache",)), (params, rest, cache, inputs)
+  return jax.jit(decode_step, donate_argnames=("cache",)), (state, cache, inputs)
 
 
 def _oom_message(error: Exception) -> str | None:

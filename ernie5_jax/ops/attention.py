@@ -114,9 +114,7 @@ def _per_device(kernel, layout: sharding.Layout, q, k, v, segment_ids, group_ids
   track varying mesh axes.
   """
   batch, _, heads, _ = q.shape
-  rows = layout.axes(sharding.BATCH)
-  if batch % layout.size(rows):
-    rows = ()
+  rows = layout.dividing_axes(sharding.BATCH, batch)
   head_axes = tuple(a for a in layout.axes("q_heads") if a not in rows)
   if (head_axes != tuple(a for a in layout.axes("kv_heads") if a not in rows)
       or heads % layout.size(head_axes) or k.shape[2] % layout.size(head_axes)):

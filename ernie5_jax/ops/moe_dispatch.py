@@ -70,8 +70,7 @@ def expert_ffn(x, expert_ids, combine_weights, w_gate, w_up, w_down, *,
         token_axes=token_axes, expert_axes=expert_axes, hidden_axes=hidden_axes,
         capacity_factor=layout.expert_capacity_factor, local_ffn=local,
         ragged_exchange=ragged_exchange())
-  if x.shape[0] % layout.size(token_axes):  # e.g. one decoded token: not split
-    token_axes = ()
+  token_axes = layout.dividing_axes(sharding.BATCH, x.shape[0])  # one decoded token: whole
   if not token_axes and not hidden_axes:
     return local(x, expert_ids, combine_weights, w_gate, w_up, w_down)
   return moe_expert_parallel.token_parallel_ffn(

@@ -96,6 +96,22 @@ def reference():
   return initial, metrics, _host(state)
 
 
+def _assert_trains_like(reference, config, layout, name, *, rtol, atol):
+  """STEPS steps of config on layout from the reference's start match it; returns the state.
+
+  Metrics within rtol; parameters and the rest (router bias from the global loads, loss
+  EMA) within atol.
+  """
+  ref_initial, ref_metrics, ref_state = reference
+  _, metrics, state = _train(config, layout, ref_initial)
+  for got, want in zip(metrics, ref_metrics):
+    for key in ("loss", "grad_norm", "router/load_imbalance"):
+      np.testing.assert_allclose(got[key], want[key], rtol=rtol, err_msg=f"{name}: {key}")
+  assert _max_diff(state.params, ref_state.params) < atol, name
+  assert _max_diff(state.rest, ref_state.rest) < atol, name
+  return state
+
+
 def _check_sharded_like_rules(state, layout, name):
   """The expert weights of `state` sit where the rules put them."""
   w_gate = state.params["moe_layers"]["layers"]["ffn"]["experts"]["w_gate"].get_value()
@@ -110,14 +126,7 @@ def _check_sharded_like_rules(state, layout, name):
 def test_train_step_on_mesh_matches_single_device(reference, name):
   config = tiny_config(**MESHES[name])
   layout = sharding.make_layout(config)
-  ref_initial, ref_metrics, ref_state = reference
-  _, metrics, state = _train(config, layout, ref_initial)
-  for got, want in zip(metrics, ref_metrics):
-    for key in ("loss", "grad_norm", "router/load_imbalance"):
-      np.testing.assert_allclose(got[key], want[key], rtol=2e-5, err_msg=f"{name}: {key}")
-  assert _max_diff(state.params, ref_state.params) < 1e-5, name
-  # Router bias (aux-loss-free balancing on the global loads) and loss EMA.
-  assert _max_diff(state.rest, ref_state.rest) < 1e-5, name
+  state = _assert_trains_like(reference, config, layout, name, rtol=2e-5, atol=1e-5)
   _check_sharded_like_rules(state, layout, name)
 
 
@@ -243,14 +252,9 @@ PALLAS_MESHES = {"mixed": MESHES["mixed"], "data_tensor": dict(tensor=2)}
 def test_pallas_backends_on_mesh_match_single_device(reference, name):
   config = tiny_config(**PALLAS_MESHES[name])
   config.model.update(attention="pallas", moe_dispatch="pallas")
-  layout = sharding.make_layout(config)
-  ref_initial, ref_metrics, ref_state = reference  # one device, the XLA paths
-  _, metrics, state = _train(config, layout, ref_initial)
-  for got, want in zip(metrics, ref_metrics):
-    for key in ("loss", "grad_norm", "router/load_imbalance"):
-      np.testing.assert_allclose(got[key], want[key], rtol=5e-5, err_msg=f"{name}: {key}")
-  assert _max_diff(state.params, ref_state.params) < 2e-5, name
-  assert _max_diff(state.rest, ref_state.rest) < 2e-5, name
+  # The reference is one device on the XLA paths.
+  _assert_trains_like(reference, config, sharding.make_layout(config), name, rtol=5e-5,
+                      atol=2e-5)
 
 
 def test_ragged_exchange_matches_gather_dispatch():
