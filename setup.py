@@ -24,6 +24,7 @@ setuptools.setup(
         "absl-py",
         "matplotlib",
         "sentencepiece",
+        "safetensors>=0.4",  # Hugging Face checkpoints in and out (ernie5_jax/interop).
         "scikit-learn",  # Bundled 8x8 digits (embedded dataset) and k-means codebooks.
     ],
     package_data={"ernie5_jax.input_pipeline.tokenizers": ["assets/*.model"]},

@@ -83,7 +83,7 @@ def default_config() -> ml_collections.ConfigDict:
   m.num_layers = 2  # Decoder blocks, dense first layers included.
   m.num_heads = 4  # Query heads.
   m.num_kv_heads = 2  # Key/value heads (grouped-query attention); divides num_heads.
-  m.head_dim = 32  # Per-head width.
+  m.head_dim = 32  # Per-head width (num_heads * head_dim need not equal d_model).
   m.rope_theta = 10_000.0  # Uni-RoPE base frequency.
   # Rotary frequency pairs given to the (t, h, w) position axes; sums to head_dim // 2.
   m.rope_sections = (8, 4, 4)
@@ -103,6 +103,9 @@ def default_config() -> ml_collections.ConfigDict:
   m.capacity_factor = 1.25  # Per-expert capacity / (tokens * top_k / experts); "capacity" only.
   m.norm_eps = 1e-6  # RMSNorm epsilon.
   m.tie_embeddings = True  # Output head reuses the token embedding.
+  # Multiply looked-up embeddings by sqrt(d_model) (Gemma-style, model/layers.py Embed);
+  # imported ERNIE 4.5 checkpoints do not (ernie5_jax/interop/ernie45.py sets False).
+  m.embed_scale = True
   m.scan_layers = True  # Stack and scan the MoE blocks (compile time independent of depth).
   m.remat = False  # Rematerialise each block in the backward pass.
   m.dtype = "float32"  # Activation / compute dtype.
@@ -376,10 +379,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if m.num_heads % m.num_kv_heads:
     fail("model.num_kv_heads", m.num_kv_heads,
           f"expected a divisor of model.num_heads={m.num_heads}")
-  if m.num_heads * m.head_dim != m.d_model:
-    fail("model.head_dim", m.head_dim,
-          f"expected model.num_heads * model.head_dim == model.d_model "
-          f"({m.num_heads} * {m.head_dim} != {m.d_model})")
   if m.head_dim % 2:
     fail("model.head_dim", m.head_dim, "expected an even number (rotary pairs)")
   sections = tuple(m.rope_sections)

@@ -17,6 +17,13 @@ of --checkpoint into --workdir; the config is the one stored with the checkpoint
 given --config.* overrides applied (--config alone is used only for a checkpoint that has
 no stored config.json).
 
+  python -m ernie5_jax.main --mode=eval --watch --checkpoint=/tmp/tiny --workdir=/tmp/tiny/eval
+
+--mode=eval --watch (ernie5_jax/eval/watch.py) runs beside training: it evaluates each new
+checkpoint of the training workdir --checkpoint once (a restarted job skips the steps it
+wrote), with TensorBoard events in --workdir, and stops after the trainer's final step or
+--watch_timeout seconds without a new checkpoint.
+
   python -m ernie5_jax.main --mode=export --checkpoint=/tmp/tiny --submodel=2,6,1 \
       --workdir=/tmp/tiny_2_6_1
 
@@ -76,6 +83,11 @@ flags.DEFINE_string("checkpoint", None, "--mode=eval/export: a training workdir,
 flags.DEFINE_string("submodel", None, "--mode=export: the elastic sub-model "
                     "'depth,experts,top_k' (model/elastic.py) of --checkpoint to write, as a "
                     "standalone model, into --workdir.")
+flags.DEFINE_bool("watch", False, "--mode=eval: follow the training workdir --checkpoint and "
+                  "evaluate each new checkpoint as it lands, until the trainer's final step "
+                  "(ernie5_jax/eval/watch.py).")
+flags.DEFINE_float("watch_timeout", 3600.0, "--mode=eval --watch: stop after this many seconds "
+                   "without a new checkpoint.")
 flags.DEFINE_string("topology", None, "--mode=compile: the target, e.g. 'v5p:4x4x4' (a TPU "
                     "slice, compiled by libtpu) or 'h100:16' (GPUs, lowered); ernie5_jax/aot.")
 flags.mark_flags_as_required(["workdir"])  # --config: required by --mode=train (main).
@@ -137,7 +149,7 @@ def _override_fields(argv: list[str]) -> tuple[str, ...]:
 
 
 def _run_eval() -> None:
-  """--mode=eval: eval/job.py run_eval on --checkpoint, report files into --workdir."""
+  """--mode=eval: eval/job.py run_eval on --checkpoint (--watch: eval/watch.py) into --workdir."""
   if not FLAGS.checkpoint:
     fail("error: --mode=eval needs --checkpoint=PATH: a training workdir, its "
              "checkpoints/ dir, one checkpoints/<step>/ dir, or an exported model dir")
@@ -147,6 +159,12 @@ def _run_eval() -> None:
   from ernie5_jax import store  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # As in train: TF must not reserve JAX's memory.
   try:
+    if FLAGS.watch:
+      from ernie5_jax.eval import watch  # pylint: disable=g-import-not-at-top
+      watch.watch(FLAGS.checkpoint, FLAGS.workdir, config=FLAGS.config,
+                  override_fields=_override_fields(sys.argv[1:]),
+                  timeout_secs=FLAGS.watch_timeout)
+      return
     job.run_eval(FLAGS.checkpoint, FLAGS.workdir, config=FLAGS.config,
                  override_fields=_override_fields(sys.argv[1:]))
   except (store.CheckpointNotFoundError, store.CheckpointMismatchError,

@@ -45,8 +45,10 @@ def test_readme_commands_run_as_written(tmp_path_factory):
     assert "libtpu" not in proc.stderr and "TPU_WORKER_HOSTNAMES" not in proc.stderr, command
   work = scratch / "workdirs"
   assert (work / "tiny" / "checkpoints" / "300" / "model").is_dir()
-  report = json.loads((work / "tiny" / "eval" / "family_report.json").read_text())
-  assert report
+  # The watching eval job, started after training here: the final step, then it stops.
+  report = json.loads((work / "tiny" / "eval" / "300" / "family_report.json").read_text())
+  assert report["step"] == 300
+  assert list((work / "tiny" / "eval").glob("events.out.tfevents.*"))
   assert (work / "tiny_2_4_1" / "model").is_dir()
   assert (work / "tiny" / "samples" / "report.json").is_file()
   compiled = json.loads((work / "compile_tiny" / "compile_report.json").read_text())

@@ -23,7 +23,9 @@ Writes to the out dir:
   family_report.json   the table below, plus the checkpoint, split and token counts
   routing.json         eval/routing.py routing_analysis of the full model
   routing_*.png        its plots (eval/routing_plots.py), when eval.plots
-and prints the family table.
+  events.out.tfevents.*  all of it for TensorBoard at the checkpoint's step: scalars, the
+                       table as text, the plots as images (eval/tensorboard.py)
+and prints the family table. --watch (eval/watch.py) follows a training run instead.
 """
 
 from __future__ import annotations
@@ -39,12 +41,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from clu import metric_writers
 from flax import nnx
 
 from ernie5_jax import config as config_lib
 from ernie5_jax import elastic_export, input_pipeline
 from ernie5_jax import store
 from ernie5_jax.eval import routing as routing_lib
+from ernie5_jax.eval import tensorboard
 from ernie5_jax.model import elastic
 from ernie5_jax.train import objective
 
@@ -209,8 +213,8 @@ def run_eval(checkpoint_path: str, out_dir: str, *,
   """Restores checkpoint_path, writes the family report and routing analysis to out_dir.
 
   Args:
-    checkpoint_path: anything train/checkpoint.py restore_model accepts.
-    out_dir: where the report files go (created).
+    checkpoint_path: anything store.locate accepts.
+    out_dir: where the report files and the TensorBoard events go (created).
     config: the command line's --config: used whole only when the checkpoint has no stored
       config.json; otherwise only its `override_fields` replace the stored values.
     override_fields: dotted field paths set on the command line, e.g. ("eval.num_batches",).
@@ -218,10 +222,27 @@ def run_eval(checkpoint_path: str, out_dir: str, *,
   Returns:
     The report dict written to family_report.json.
   """
-  start = time.perf_counter()
   loc = store.locate(checkpoint_path, step)
-  config, model = store.restore_model(loc, resolve_config(loc, config, override_fields))
+  config = resolve_config(loc, config, override_fields)
   store.ensure_writable(out_dir)
+  writer = metric_writers.create_default_writer(out_dir, asynchronous=False)
+  try:
+    return evaluate(loc, config, out_dir, writer)
+  finally:
+    writer.close()
+
+
+def evaluate(loc: store.CheckpointLocation, config: ml_collections.ConfigDict, out_dir: str,
+             writer: metric_writers.MetricWriter) -> dict[str, Any]:
+  """The family report and routing analysis of the checkpoint at loc, under config.
+
+  Writes routing.json and its plots, then the TensorBoard summaries (eval/tensorboard.py, at
+  the checkpoint's step; 0 for an exported model), then family_report.json last: a report
+  file on disk means the step was evaluated in full (what eval/watch.py resumes from).
+  """
+  start = time.perf_counter()
+  config, model = store.restore_model(loc, config)
+  os.makedirs(out_dir, exist_ok=True)
 
   batches = held_out_batches(config)
   loss_sums = make_loss_sums(model)
@@ -240,15 +261,19 @@ def run_eval(checkpoint_path: str, out_dir: str, *,
     logging.info("Evaluated sub-model %s in %.1f s.", sub, rows[-1]["seconds"])
 
   analysis = analyse_routing(model, config, batches)
-  files = [REPORT_FILE]
+  files, plots = [REPORT_FILE], []
   if analysis is not None:
     with open(os.path.join(out_dir, ROUTING_FILE), "w") as f:
       json.dump(analysis, f, indent=2)
     files.append(ROUTING_FILE)
     if config.eval.plots:
       from ernie5_jax.eval import routing_plots  # pylint: disable=g-import-not-at-top
-      files += routing_plots.plot_all(analysis, out_dir)
+      plots = routing_plots.plot_all(analysis, out_dir)
+      files += plots
 
+  table = format_table(rows)
+  tensorboard.write_report(writer, loc.step or 0, rows, analysis,
+                           [os.path.join(out_dir, p) for p in plots], table)
   report = {
       "checkpoint": str(loc.model_dir), "step": loc.step,
       "split": (config.eval.split if config.data.source != "synthetic" else
@@ -261,9 +286,10 @@ def run_eval(checkpoint_path: str, out_dir: str, *,
       "decode": how, "submodels": rows, "routing_file": ROUTING_FILE if analysis else None,
       "files": files, "seconds": time.perf_counter() - start,
   }
-  with open(os.path.join(out_dir, REPORT_FILE), "w") as f:
+  tmp = os.path.join(out_dir, f".{REPORT_FILE}.tmp")
+  with open(tmp, "w") as f:
     json.dump(report, f, indent=2)
-  table = format_table(rows)
+  os.replace(tmp, os.path.join(out_dir, REPORT_FILE))  # Atomic: the step's record.
   print(f"elastic family of {loc.model_dir} (step {loc.step}), {config.eval.num_batches} "
         f"batches of split {report['split']!r}:\n{table}")
   if analysis is not None:
@@ -271,7 +297,7 @@ def run_eval(checkpoint_path: str, out_dir: str, *,
     print("top-{:.0%} expert IoU between modalities (mean over layers): {}".format(
         analysis["top_fraction"], ", ".join(f"{k} {v:.2f}" for k, v in means.items()
                                             if v is not None) or "n/a"))
-  print(f"wrote {', '.join(files)} to {out_dir}")
+  print(f"wrote {', '.join(files)} to {out_dir}", flush=True)
   return report
 
 

@@ -224,7 +224,7 @@ class Decoder(nnx.Module):
       raise ConfigError(f"model.num_dense_layers={cfg.num_dense_layers} is not accepted: "
                         f"expected 0..model.num_layers={cfg.num_layers}")
     self.embed = Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
-                       rngs=rngs)
+                       rngs=rngs, scale=cfg.get("embed_scale", True))
     self.num_dense_layers = cfg.num_dense_layers
     self.num_moe_layers = cfg.num_layers - cfg.num_dense_layers
     # Each attribute is assigned once: None (static) when the stack or head is absent.

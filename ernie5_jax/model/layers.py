@@ -61,13 +61,16 @@ class Embed(nnx.Module):
   """Token embedding; `attend` gives the tied output head (logits in float32).
 
   Gemma-style scaling: the table is N(0, 1/d) so tied logits start at unit scale, and
-  looked-up embeddings are multiplied by sqrt(d) so the residual stream starts at unit RMS.
+  looked-up embeddings are multiplied by sqrt(d) so the residual stream starts at unit RMS
+  (scale=False: no multiplier, as ERNIE 4.5 checkpoints expect).
   """
 
-  def __init__(self, vocab_size: int, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, vocab_size: int, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs,
+               scale: bool = True):
     init = jax.nn.initializers.normal(stddev=dim ** -0.5)
     self.table = param(rngs, init, (vocab_size, dim), ("vocab", "embed"), param_dtype)
     self.dtype = dtype
+    self.scale = scale
 
   def __call__(self, tokens: jax.Array) -> jax.Array:  # [batch, seq] -> [batch, seq, embed]
     # Under a mesh the table is gathered whole along embed first (as FSDP gathers any weight
@@ -75,7 +78,7 @@ class Embed(nnx.Module):
     # XLA can only turn into batch-split rows by replicating them.
     table = sharding.constrain(self.table[...], ("vocab", None))
     x = jnp.take(table, tokens, axis=0).astype(self.dtype)
-    return x * jnp.asarray(table.shape[1] ** 0.5, self.dtype)
+    return x * jnp.asarray(table.shape[1] ** 0.5, self.dtype) if self.scale else x
 
   def attend(self, x: jax.Array) -> jax.Array:  # [batch, seq, embed] -> [batch, seq, vocab]
     return jnp.einsum("BSD,VD->BSV", x, self.table[...].astype(x.dtype),
