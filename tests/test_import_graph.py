@@ -18,7 +18,7 @@ LAYERS = {
     "model": 3, "input_pipeline": 3,
     "store": 4,
     "train": 5,
-    "generate": 6, "elastic_export": 6,
+    "generate": 6, "elastic_export": 6, "interop": 6,
     "eval": 7, "rl": 7, "m2cp": 7, "aot": 7,
     "main": 9,
 }
