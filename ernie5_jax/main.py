@@ -31,6 +31,15 @@ wrote), with TensorBoard events in --workdir, and stops after the trainer's fina
 'depth,experts,top_k' of --checkpoint into --workdir as a standalone, smaller model
 (model/ + config.json), which --mode=eval and store.restore_model load like any other.
 
+  python -m ernie5_jax.main --mode=import --hf_checkpoint=/tmp/ERNIE-4.5-0.3B-PT \
+      --workdir=/tmp/ernie45
+  python -m ernie5_jax.main --mode=export --format=hf --checkpoint=/tmp/ernie45_run \
+      [--submodel=2,6,1] --workdir=/tmp/ernie45_hf
+
+--mode=import (ernie5_jax/interop/ernie45.py) reads an ERNIE 4.5 text checkpoint (Hugging
+Face safetensors) into the model store's layout; --format=hf writes a model (or a
+sub-model) back as one, loadable by transformers (docs/interop.md).
+
   python -m ernie5_jax.main --mode=generate --checkpoint=/tmp/tiny --workdir=/tmp/tiny_samples
 
 --mode=generate (ernie5_jax/eval/samples.py) writes text continuations, caption->image PNGs
@@ -67,7 +76,7 @@ from ml_collections import config_flags
 
 from ernie5_jax import config as config_lib
 
-MODES = ("train", "eval", "export", "generate", "rl", "compile")
+MODES = ("train", "eval", "export", "generate", "rl", "compile", "import")
 # config.trainer -> (the module whose validate() checks the family's config, its trainer with
 # train_and_evaluate()); a config without `trainer` is "lm".
 FAMILIES = {"lm": ("ernie5_jax.input_pipeline", "ernie5_jax.train.loop"),
@@ -88,6 +97,11 @@ flags.DEFINE_bool("watch", False, "--mode=eval: follow the training workdir --ch
                   "(ernie5_jax/eval/watch.py).")
 flags.DEFINE_float("watch_timeout", 3600.0, "--mode=eval --watch: stop after this many seconds "
                    "without a new checkpoint.")
+flags.DEFINE_enum("format", "orbax", ("orbax", "hf"), "--mode=export: 'orbax' (model/ + "
+                  "config.json, what every job reads) or 'hf' (ERNIE 4.5 safetensors + "
+                  "config.json for transformers; --submodel optional; ernie5_jax/interop).")
+flags.DEFINE_string("hf_checkpoint", None, "--mode=import: an ERNIE 4.5 Hugging Face checkpoint "
+                    "directory (config.json + *.safetensors) to import into --workdir.")
 flags.DEFINE_string("topology", None, "--mode=compile: the target, e.g. 'v5p:4x4x4' (a TPU "
                     "slice, compiled by libtpu) or 'h100:16' (GPUs, lowered); ernie5_jax/aot.")
 flags.mark_flags_as_required(["workdir"])  # --config: required by --mode=train (main).
@@ -172,8 +186,48 @@ def _run_eval() -> None:
     fail(f"error: {type(e).__name__}: {e}")
 
 
+def _run_import() -> None:
+  """--mode=import: interop/ernie45.py import_checkpoint of --hf_checkpoint into --workdir."""
+  if not FLAGS.hf_checkpoint:
+    fail("error: --mode=import needs --hf_checkpoint=DIR (an ERNIE 4.5 Hugging Face checkpoint: "
+         "config.json + *.safetensors); it writes model/ + config.json to --workdir")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  from ernie5_jax import store  # pylint: disable=g-import-not-at-top
+  from ernie5_jax.interop import ernie45  # pylint: disable=g-import-not-at-top
+  try:
+    out = ernie45.import_checkpoint(FLAGS.hf_checkpoint, FLAGS.workdir)
+  except (ernie45.HFCheckpointError, store.WorkdirError, config_lib.ConfigError,
+          FileExistsError) as e:
+    fail(f"error: {type(e).__name__}: {e}")
+  logging.info("Imported %s into %s.", FLAGS.hf_checkpoint, out)
+
+
+def _run_export_hf() -> None:
+  """--mode=export --format=hf: the full model or --submodel of --checkpoint as ERNIE 4.5 HF."""
+  if not FLAGS.checkpoint:
+    fail("error: --mode=export --format=hf needs --checkpoint=PATH (a training workdir, its "
+         "checkpoints/ dir, one checkpoints/<step>/ dir or an exported / imported model dir); "
+         "--submodel=depth,experts,top_k is optional")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  from ernie5_jax import store  # pylint: disable=g-import-not-at-top
+  from ernie5_jax.interop import ernie45  # pylint: disable=g-import-not-at-top
+  from ernie5_jax.model import elastic  # pylint: disable=g-import-not-at-top
+  try:
+    sub = elastic.SubModel.parse(FLAGS.submodel) if FLAGS.submodel else None
+    out = ernie45.export_checkpoint(FLAGS.checkpoint, FLAGS.workdir, sub=sub)
+  except (ernie45.HFCheckpointError, store.CheckpointNotFoundError,
+          store.CheckpointMismatchError, store.WorkdirError, config_lib.ConfigError,
+          FileExistsError) as e:
+    fail(f"error: {type(e).__name__}: {e}")
+  logging.info("Exported %s of %s to %s (Hugging Face format).", sub or "the model",
+               FLAGS.checkpoint, out)
+
+
 def _run_export() -> None:
   """--mode=export: elastic_export.export_checkpoint of --submodel from --checkpoint."""
+  if FLAGS.format == "hf":
+    _run_export_hf()
+    return
   if not FLAGS.checkpoint or not FLAGS.submodel:
     fail("error: --mode=export needs --checkpoint=PATH (a training workdir, its "
              "checkpoints/ dir or one checkpoints/<step>/ dir) and --submodel=depth,experts,"
@@ -249,6 +303,9 @@ def main(argv: list[str]) -> None:
     return
   if FLAGS.mode == "export":
     _run_export()
+    return
+  if FLAGS.mode == "import":
+    _run_import()
     return
   if FLAGS.mode == "generate":
     _run_generate()

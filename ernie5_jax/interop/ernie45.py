@@ -50,8 +50,10 @@ from safetensors.numpy import save_file
 
 from ernie5_jax import config as config_lib
 from ernie5_jax import sharding
+from ernie5_jax import elastic_export
 from ernie5_jax import store
 from ernie5_jax.elastic_export import abstract_model
+from ernie5_jax.model import elastic
 
 HF_CONFIG = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -499,3 +501,18 @@ def export_hf(config: ml_collections.ConfigDict, model_state: nnx.State, out_dir
   if tokenizer and os.path.isfile(tokenizer):
     shutil.copyfile(tokenizer, os.path.join(out_dir, TOKENIZER))
   return out_dir
+
+
+def export_checkpoint(path: str, out_dir: str, *, sub: elastic.SubModel | None = None) -> str:
+  """The model at `path` (anything store.restore_model takes), or its elastic sub-model `sub`,
+  written by export_hf to out_dir with the checkpoint's tokenizer.model if it has one."""
+  location = store.locate(path)
+  config, model = store.restore_model(location)
+  hf_config(config)  # An unexportable model fails before anything is computed.
+  state = nnx.state(model)
+  if sub is not None:
+    config, state = elastic_export.export_submodel(config, state, sub)
+  tokenizer = None
+  if location.config_path is not None:
+    tokenizer = os.path.join(os.path.dirname(str(location.config_path)), TOKENIZER)
+  return export_hf(config, state, out_dir, tokenizer=tokenizer)

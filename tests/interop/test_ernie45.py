@@ -1,0 +1,213 @@
+"""ERNIE 4.5 checkpoints in and out (ernie5_jax/interop/ernie45.py), against transformers.
+
+The fixtures in testdata/ and their reference logits and routing were made by transformers
+(make_ernie45_fixtures.py, run in a side environment with torch; CI has no torch).
+"""
+
+import functools
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from ernie5_jax import elastic_export, store
+from ernie5_jax.interop import ernie45
+from ernie5_jax.model import elastic, rope
+
+DATA = pathlib.Path(__file__).resolve().parent / "testdata"
+MOE, DENSE = DATA / "ernie45_moe_tiny", DATA / "ernie45_dense_tiny"
+REF = np.load(DATA / "ernie45_reference.npz")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_forward(graphdef, state, tokens):
+  batch, seq = tokens.shape  # [batch, seq]
+  logits, aux = nnx.merge(graphdef, state)(
+      tokens, rope.text_positions(batch, seq), jnp.ones((batch, seq), jnp.int32),
+      jnp.zeros((batch, seq), jnp.int32))
+  return logits, aux["expert_ids"]
+
+
+def _forward(model):
+  """(logits [batch, seq, vocab], expert ids [moe_layers, batch, seq, k]) on REF's tokens;
+  one compile per model config."""
+  logits, ids = _jit_forward(nnx.graphdef(model), nnx.state(model), jnp.asarray(REF["tokens"]))
+  return np.asarray(logits), np.asarray(ids)
+
+
+def _assert_same_state(a, b):
+  for (path, x), (path_b, y) in zip(nnx.to_flat_state(a), nnx.to_flat_state(b), strict=True):
+    assert path == path_b
+    np.testing.assert_array_equal(np.asarray(x.get_value()), np.asarray(y.get_value()),
+                                  err_msg=str(path))
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+  """name -> (directory, config, model, logits, expert ids) of each imported fixture."""
+  root = tmp_path_factory.mktemp("ernie45")
+  out = {}
+  for name, src in (("moe", MOE), ("dense", DENSE)):
+    directory = ernie45.import_checkpoint(str(src), str(root / name))
+    config, model = store.restore_model(directory)
+    out[name] = (directory, config, model) + _forward(model)
+  return out
+
+
+def test_moe_import_matches_transformers_logits_and_routing(imported):
+  _, config, _, logits, expert_ids = imported["moe"]
+  assert np.max(np.abs(logits - REF["moe_logits"])) <= 1e-4
+  # [moe_layers, batch, seq, k] -> transformers' [moe_layers, tokens, k]: the same experts in
+  # the same order (top-k on score + e_score_correction_bias) for every token.
+  np.testing.assert_array_equal(expert_ids.reshape(REF["moe_expert_ids"].shape),
+                                REF["moe_expert_ids"])
+  m = config.model
+  assert (m.num_dense_layers, m.num_experts, m.top_k, m.num_shared_experts) == (1, 8, 2, 1)
+  assert not m.embed_scale and m.rope_theta == 500000.0 and m.norm_eps == 1e-5
+
+
+def test_dense_import_matches_transformers_logits(imported):
+  _, config, _, logits, _ = imported["dense"]
+  assert np.max(np.abs(logits - REF["dense_logits"])) <= 1e-4
+  m = config.model  # 4 heads * head_dim 32 != d_model 64; an untied output head.
+  assert (m.num_heads * m.head_dim, m.d_model, m.tie_embeddings) == (128, 64, False)
+  assert m.num_dense_layers == m.num_layers == 2
+
+
+def test_the_bias_and_the_rope_permutation_matter(imported):
+  """The parity above is not vacuous: without the bias routing changes, without the
+  permutation the logits do."""
+  _, config, model, logits, expert_ids = imported["moe"]
+  graphdef, state = nnx.split(model)
+  flat = dict(nnx.to_flat_state(state))
+  bias_path = ("moe_layers", "layers", "ffn", "router", "bias")
+  wq_path = ("moe_layers", "layers", "attn", "wq")
+  inverse = np.argsort(ernie45.rope_permutation(config.model.head_dim))
+  changed = dict(flat)
+  changed[bias_path] = flat[bias_path].replace(jnp.zeros_like(flat[bias_path].get_value()))
+  changed[wq_path] = flat[wq_path].replace(flat[wq_path].get_value()[..., inverse])
+  new_logits, new_ids = _forward(nnx.merge(graphdef, nnx.from_flat_state(changed)))
+  assert not np.array_equal(new_ids[:1], expert_ids[:1])  # Layer 1 sees the same input.
+  assert np.max(np.abs(new_logits - logits)) > 1e-2
+
+
+@pytest.mark.parametrize("name,src", [("moe", MOE), ("dense", DENSE)])
+def test_export_reproduces_the_checkpoint_and_round_trips_exactly(imported, tmp_path, name,
+                                                                  src):
+  directory, config, model, _, _ = imported[name]
+  out = ernie45.export_checkpoint(directory, str(tmp_path / "hf"))
+  exported, original = load_file(f"{out}/model.safetensors"), load_file(
+      f"{src}/model.safetensors")
+  assert exported.keys() == original.keys()
+  for key, value in original.items():  # Bit for bit, dtype included.
+    assert exported[key].dtype == value.dtype and np.array_equal(exported[key], value), key
+  hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+  assert ernie45.model_config(hf).model.to_dict() == config.model.to_dict()
+  back_dir = ernie45.import_checkpoint(out, str(tmp_path / "back"))
+  _, back = store.restore_model(back_dir)
+  _assert_same_state(nnx.state(model), nnx.state(back))
+  assert (name == "moe") == (tmp_path / "hf" / "tokenizer.model").is_file()
+
+
+@pytest.mark.parametrize("cut", [elastic.SubModel(depth=2, experts=8, top_k=2),
+                                 elastic.SubModel(depth=3, experts=4, top_k=1)])
+def test_submodel_export_equals_the_masked_family_member(imported, tmp_path, cut):
+  """The HF export of a sub-model holds exactly the arrays of the orbax sub-model export,
+  which computes what the full model computes under the sub-model's masks
+  (tests/test_elastic_export.py)."""
+  directory, config, model, _, _ = imported["moe"]
+  out = ernie45.export_checkpoint(directory, str(tmp_path / "hf"), sub=cut)
+  hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+  assert (hf["num_hidden_layers"], hf["moe_num_experts"], hf["moe_k"]) == (
+      cut.depth, cut.experts, cut.top_k)
+  _, sub_state = elastic_export.export_submodel(config, nnx.state(model), cut)
+  _, back = store.restore_model(ernie45.import_checkpoint(out, str(tmp_path / "back")))
+  _assert_same_state(sub_state, nnx.state(back))
+
+
+def _edit_config(d, **changes):
+  hf = json.loads((d / "config.json").read_text())
+  hf.update(changes)
+  (d / "config.json").write_text(json.dumps(hf))
+
+
+def _edit_tensors(d, fn):
+  tensors = load_file(d / "model.safetensors")
+  fn(tensors)
+  save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+
+
+def _pickle_only(d):
+  (d / "model.safetensors").unlink()
+  (d / "pytorch_model.bin").write_bytes(b"not to be unpickled")
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: _edit_config(d, model_type="ernie4_5_moe_vl", vision_config={}),
+     r"model_type='ernie4_5_moe_vl' is not accepted: the VL model's modality-isolated experts"),
+    (lambda d: _edit_config(d, model_type="llama"), r"model_type='llama' is not accepted"),
+    (lambda d: _edit_config(d, moe_magic=1), r"keys \['moe_magic'\] are not accepted"),
+    (lambda d: _edit_config(d, use_bias=True), r"use_bias=True is not accepted: linear biases"),
+    (lambda d: _edit_config(d, moe_layer_interval=2),
+     r"MoE layer pattern \(moe_layer_start_index=1, moe_layer_end_index=2, "
+     r"moe_layer_interval=2\) is not accepted"),
+    (lambda d: _edit_config(d, moe_layer_end_index=1), r"MoE layer pattern"),
+    (lambda d: _edit_config(d, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}),
+     r"rope scaling .* is not accepted"),
+    (lambda d: _edit_config(d, moe_k=9), r"config.model.top_k=9 is not accepted"),
+    (lambda d: _edit_tensors(d, lambda t: t.pop("model.layers.1.mlp.gate.weight")),
+     r"model.layers.1.mlp.gate.weight: missing"),
+    (lambda d: _edit_tensors(d, lambda t: t.update(extra=np.zeros(3, np.float32))),
+     r"extra: not expected"),
+    (lambda d: _edit_config(d, moe_intermediate_size=16),
+     r"model.layers.1.mlp.experts.0.gate_proj.weight: shape \(32, 64\) != \(16, 64\)"),
+    (_pickle_only, r"pytorch_model.bin is not accepted: pickle-based weights are never loaded"),
+    (lambda d: (d / "config.json").unlink(), r"config.json does not exist"),
+])
+def test_import_errors_name_the_cause_and_write_nothing(tmp_path, edit, message):
+  src = tmp_path / "ckpt"
+  shutil.copytree(MOE, src)
+  edit(src)
+  with pytest.raises(ernie45.HFCheckpointError, match=message):
+    ernie45.import_checkpoint(str(src), str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()
+
+
+def test_mtp_tensors_are_skipped_and_listed(tmp_path):
+  src = tmp_path / "ckpt"
+  shutil.copytree(MOE, src)
+  _edit_tensors(src, lambda t: t.update({"mtp_emb_norm.0.weight": np.ones(64, np.float32)}))
+  out = ernie45.import_checkpoint(str(src), str(tmp_path / "out"))
+  report = json.loads(pathlib.Path(out, "import.json").read_text())
+  assert report["skipped_tensors"] == ["mtp_emb_norm.0.weight"]
+
+
+def test_export_refuses_models_without_an_ernie45_form(imported):
+  config = imported["moe"][1]
+  bad = config.copy_and_resolve_references()
+  bad.model.embed_scale = True
+  bad.model.audio_levels = 2
+  with pytest.raises(ernie45.HFCheckpointError,
+                     match=r"model.embed_scale=True .*; model.audio_levels=2"):
+    ernie45.hf_config(bad)
+
+
+def test_cli_import_error_is_one_line_with_status_2(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "ernie5_jax.main", "--mode=import", f"--hf_checkpoint={tmp_path}",
+       f"--workdir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"error: HFCheckpointError: {tmp_path}/config.json does not exist: expected the HF "
+      "checkpoint's config.json")
+  assert "Traceback" not in proc.stderr
