@@ -28,13 +28,13 @@ def readme_commands() -> list[str]:
 def test_the_readme_shows_the_main_job_and_its_follow_ups():
   modes = [re.search(r"--mode=(\w+)", c) for c in readme_commands()]
   assert [m.group(1) if m else "train" for m in modes] == [
-      "train", "eval", "export", "generate", "compile"]
+      "train", "eval", "export", "generate", "compile", "import", "train", "eval", "export"]
 
 
 @pytest.mark.slow
 def test_readme_commands_run_as_written(tmp_path_factory):
   scratch = tmp_path_factory.mktemp("readme")
-  for name in (".venv", "experiments"):
+  for name in (".venv", "experiments", "tests"):  # tests/: the ERNIE 4.5 fixture imported.
     (scratch / name).symlink_to(REPO / name)
   env = dict(os.environ, ERNIE5_DATA_DIR=str(tmp_path_factory.getbasetemp() / "shared_data"))
   env.pop("JAX_PLATFORMS", None)  # As a user's shell has it: main.py keeps JAX off the TPU probe.
@@ -55,3 +55,10 @@ def test_readme_commands_run_as_written(tmp_path_factory):
   train = compiled["programs"][0]
   assert compiled["topology"] == "v5p:2x2x1" and train["fits"]
   assert train["kernels"]["mosaic_kernels"] > 0
+  # ERNIE 4.5: imported, trained elastically from it, evaluated, a sub-model exported as HF.
+  assert (work / "ernie45" / "model").is_dir()
+  assert (work / "ernie45_elastic" / "checkpoints" / "4" / "model").is_dir()
+  assert json.loads((work / "ernie45_elastic" / "eval" / "family_report.json").read_text())
+  hf = json.loads((work / "ernie45_2_4_1_hf" / "config.json").read_text())
+  assert (hf["num_hidden_layers"], hf["moe_num_experts"], hf["moe_k"]) == (2, 4, 1)
+  assert (work / "ernie45_2_4_1_hf" / "model.safetensors").is_file()
