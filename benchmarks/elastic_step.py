@@ -12,7 +12,10 @@ Each time is divided by the full model's and compared with the ratio of active m
 FLOPs (benchmarks/train_step.py: 6 * active matmul params + attention, per token):
 time_ratio / flops_ratio = 1 means the time falls exactly with the FLOPs.
 Then the elastic train step (the full model, then sampled sub-models, on the same batch)
-runs --steps steps with different draws; it must compile exactly once.
+runs --steps steps with different draws; it must compile exactly once. Beside it runs the
+step whose sampled pass is the full model again, what the earlier unconditioned draw ran
+with probability prod(full_*_prob) (0.48 at the defaults): the saving of never drawing the
+full model is that probability times (duplicate step - elastic step), per step on average.
 
   nice -n 10 python benchmarks/elastic_step.py            # experiments/tiny.py:synthetic
   python benchmarks/elastic_step.py --iters 20 --steps 30
@@ -30,6 +33,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -121,14 +125,23 @@ def main(argv=None) -> int:
   plain_config.elastic.enabled = False
   _, plain_state = state_lib.init_train_state(lambda: create_model(plain_config), tx)
   fns = {"elastic": step_lib.make_train_step(config, graphdef, tx, schedule),
-         "plain": step_lib.make_train_step(plain_config, graphdef, tx, schedule)}
-  states = {"elastic": state, "plain": plain_state}
+         "plain": step_lib.make_train_step(plain_config, graphdef, tx, schedule),
+         "duplicate": step_lib.make_train_step(config, graphdef, tx, schedule)}
+  states = {"elastic": state, "plain": plain_state, "duplicate": jax.tree.map(jnp.copy, state)}
   first_s = {}
+  sample_masks = step_lib.step_masks
   for name, fn in fns.items():
-    start = time.perf_counter()
-    states[name], metrics = fn(states[name], batches[0])
-    jax.block_until_ready(metrics)
-    first_s[name] = time.perf_counter() - start
+    if name == "duplicate":  # Traced with every pass the full model (the old draw's 48%).
+      step_lib.step_masks = lambda c, s: jax.tree.map(
+          lambda v: jnp.broadcast_to(v, (1 + c.elastic.sub_models,) + v.shape),
+          elastic.masks_for(c, elastic.full_submodel(c)))
+    try:
+      start = time.perf_counter()
+      states[name], metrics = fn(states[name], batches[0])
+      jax.block_until_ready(metrics)
+      first_s[name] = time.perf_counter() - start
+    finally:
+      step_lib.step_masks = sample_masks
   draw = jax.jit(lambda s: step_lib.step_masks(config, s))
   jax.block_until_ready(draw(states["elastic"].step))  # compiled before counting
   sampled, step_ms, losses = set(), {name: [] for name in fns}, {}
@@ -154,6 +167,13 @@ def main(argv=None) -> int:
   backend_compiles = len(compiles)
   step_compiles = fns["elastic"]._cache_size()  # pylint: disable=protected-access
 
+  el = config.elastic
+  p_full = (el.full_depth_prob * el.full_experts_prob * el.full_top_k_prob) ** el.sub_models
+  new_ms, dup_ms = float(np.mean(step_ms["elastic"])), float(np.mean(step_ms["duplicate"]))
+  old_ms = p_full * dup_ms + (1 - p_full) * new_ms  # The unconditioned draw, expected.
+  saving = {"p_full_unconditioned": p_full, "elastic_step_ms (mean)": new_ms,
+            "duplicate_step_ms (mean)": dup_ms, "unconditioned_step_ms (expected)": old_ms,
+            "saving_fraction": (old_ms - new_ms) / old_ms}
   result = {
       "benchmark": "elastic_step", "config": os.path.relpath(args.config, ROOT),
       "device": str(jax.devices()[0]), "platform": jax.default_backend(),
@@ -168,6 +188,8 @@ def main(argv=None) -> int:
                        "train_step_compiles": step_compiles,
                        "backend_compiles_after_warmup": backend_compiles,
                        "final_loss": float(losses["elastic"])},
+      "duplicate_full_step": {"step_ms (mean)": float(np.mean(step_ms["duplicate"]))},
+      "conditioned_draw_saving": saving,
       "plain_step": {"first_step_s (compile + run)": first_s["plain"],
                      "step_ms (median)": float(np.median(step_ms["plain"])),
                      "final_loss": float(losses["plain"])},
@@ -190,6 +212,9 @@ def main(argv=None) -> int:
         f"backend compiles after warm-up")
   print(f"plain train step (elastic off): first {p['first_step_s (compile + run)']:.1f} s, then "
         f"{p['step_ms (median)']:.1f} ms/step (median)")
+  print(f"never drawing the full model: elastic step {new_ms:.1f} ms (mean) vs duplicate "
+        f"full pass {dup_ms:.1f} ms; the unconditioned draw (full with p={p_full:.2f}) "
+        f"would average {old_ms:.1f} ms: {100 * saving['saving_fraction']:.1f}% saved")
   write_json(result, "elastic_step", args.out)
   if step_compiles != 1 or backend_compiles or masked_compiles != 1:
     print("ERROR: the elastic step or the masked forward+backward recompiled")

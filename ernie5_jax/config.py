@@ -15,6 +15,7 @@ import ml_collections
 MOE_DISPATCH_BACKENDS = ("auto", "gather", "ragged_dot", "capacity", "pallas")
 ATTENTION_BACKENDS = ("auto", "xla", "pallas")
 ROUTER_SCORES = ("softmax", "sigmoid")
+ELASTIC_SCHEMES = ("prefix", "paper")
 DTYPES = ("float32", "bfloat16")
 # data.source: also "tfds:NAME[/CONFIG]" or "seqio:NAME" (text only, seqio_tasks.py).
 DATA_SOURCES = ("synthetic", "digits_multimodal", "digits_sft")
@@ -196,16 +197,25 @@ def default_config() -> ml_collections.ConfigDict:
   # Sub-models sampled per step, each a pass over the whole batch after the full model's
   # (train/step.py; a step costs 1 + sub_models passes); the step averages their gradients.
   el.sub_models = 1
-  el.full_depth_prob = 0.75  # P(all model.num_layers layers).
-  el.full_experts_prob = 0.8  # P(all model.num_experts routed experts).
-  el.full_top_k_prob = 0.8  # P(model.top_k experts per token).
+  # Which layers / experts a sub-model keeps (docs/elastic.md): "prefix" keeps canonical
+  # layers and the expert prefix (export is a slice); "paper" drops random interior layers
+  # and a random expert subset (elastic.expert_counts multiples of mesh.expert, as many per
+  # expert shard) each step, as the ERNIE 5.0 report does; its export keeps the experts of
+  # highest measured load.
+  el.scheme = "prefix"
+  # Each axis is full with its *_prob, independently, conditioned on the sub-model not being
+  # the full model (pass 0 already trains that): model/elastic.py sample_masks.
+  el.full_depth_prob = 0.75  # P(all model.num_layers layers), before the conditioning.
+  el.full_experts_prob = 0.8  # P(all model.num_experts routed experts), before it.
+  el.full_top_k_prob = 0.8  # P(model.top_k experts per token), before it.
   # Depths (layers kept, dense ones included) below model.num_layers, each >= 2 (the first
   # and the last layer are never skipped); () derives round(0.5 L) and round(0.75 L).
   el.depths = ()
   # Routed-expert counts (a prefix of the experts) below model.num_experts, each >=
   # model.top_k; () derives E // 2 and round(0.75 E).
   el.expert_counts = ()
-  # Experts per token below model.top_k, each >= 1; () derives ceil(k / 2) and round(0.75 k).
+  # Experts per token below model.top_k, each >= 1; () derives ceil(k / 2) and round(0.75 k)
+  # ("prefix") or every k in ceil(k / 2)..k - 1 ("paper": k uniform over a range).
   el.top_ks = ()
 
   # --- mesh: how arrays are laid out over devices (ernie5_jax/sharding.py) ----
@@ -480,6 +490,16 @@ def _check_elastic(config: ml_collections.ConfigDict) -> None:
       ("top_ks", 1, m.top_k - 1, "below model.top_k")):
     values = tuple(el[name])
     if (any(not isinstance(v, int) or not low <= v <= high for v in values)
+  if el.scheme not in ELASTIC_SCHEMES:
+    fail("elastic.scheme", el.scheme, f"expected one of {ELASTIC_SCHEMES}")
+  if el.enabled and min(el.full_depth_prob, el.full_experts_prob, el.full_top_k_prob) == 1:
+    fail("elastic.full_*_prob", (el.full_depth_prob, el.full_experts_prob, el.full_top_k_prob),
+         "expected at least one below 1 (a sampled sub-model is never the full model)")
+  shards = max(config.mesh.expert, 1)
+  if el.scheme == "paper" and any(e % shards for e in el.expert_counts):
+    fail("elastic.expert_counts", tuple(el.expert_counts),
+         f"expected multiples of mesh.expert={shards} (scheme 'paper' keeps as many experts "
+         "on every expert shard)")
         or len(set(values)) != len(values)):
       fail(f"elastic.{name}", values,
            f"expected distinct ints in {low}..{high} ({what}), or () to derive them")

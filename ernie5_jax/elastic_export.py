@@ -7,8 +7,14 @@ becomes a normal model of its own config (`elastic.sub_config`):
   stacks hold only those (scanned stacks: a gather on the 'layers' axis; unscanned:
   renumbered blocks);
 - width: every MoE layer keeps the expert prefix 0..experts-1: w_gate / w_up / w_down,
-  the router kernel's columns and the router bias are sliced;
+  the router kernel's columns and the router bias are sliced. Under elastic.scheme "paper"
+  (random expert subsets in training) `expert_order` first ranks each layer's experts by
+  measured load and `permute_experts` reorders router columns, bias and expert weights
+  together (the full model computes the same function), so the prefix is the experts of
+  highest load;
 - sparsity: model.top_k = sub.top_k.
+Router bias: a sub-model of reduced width or top-k selected without the bias in training
+(model/router.py), so its export carries a zero bias.
 Everything else (embedding, norms, shared experts, MTP and audio heads, the loss EMA) is
 copied. The export computes exactly what the full model computes under
 `elastic.masks_for(config, sub)`: masked experts had -inf logits, so softmax / sigmoid
@@ -32,6 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from ernie5_jax import input_pipeline
 from ernie5_jax import store
 from ernie5_jax.model import elastic
 from ernie5_jax.model.decoder import Decoder
@@ -81,20 +88,74 @@ def _source(path: tuple, value_of, config: ml_collections.ConfigDict, sub: elast
       array = jax.lax.slice_in_dim(array, 0, sub.experts, axis=lead)
     elif path[-2:] in (("router", "kernel"), ("router", "bias")):
       array = array[..., :sub.experts]  # kernel [.., embed, experts]; bias [.., experts]
+      full = elastic.full_submodel(config)
+      if path[-1] == "bias" and (sub.experts, sub.top_k) != (full.experts, full.top_k):
+        array = jnp.zeros_like(array)  # Reduced routing selects without the bias.
   return array
 
 
+def measure_load(model: Decoder, batches: list[dict[str, Any]]) -> jax.Array:
+  """[moe_layers, experts] assignments of the full model summed over batches."""
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def load(state, batch):
+    m = nnx.merge(graphdef, state)
+    _, aux = m.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"],
+                             batch["group_ids"], batch.get("audio_codes"))
+    return aux["expert_load"]  # [moe_layers, experts]
+  return sum(load(state, b) for b in batches)
+
+
+def expert_order(load: jax.Array) -> jax.Array:
+  """[moe_layers, experts] int32: each layer's experts by measured load, highest first."""
+  return jnp.argsort(-jnp.asarray(load), axis=-1, stable=True).astype(jnp.int32)
+
+
+def permute_experts(config: ml_collections.ConfigDict, model_state: nnx.State,
+                    order: jax.Array) -> nnx.State:
+  """model_state with MoE layer l's expert e moved to slot order[l].index(e): router kernel
+  columns, router bias and expert weights permuted together (the same function).
+
+  order: [moe_layers, experts], e.g. expert_order(measure_load(...)).
+  """
+  moe_layers = config.model.num_layers - config.model.num_dense_layers
+  order = jnp.asarray(order, jnp.int32)
+  if order.shape != (moe_layers, config.model.num_experts):
+    raise ValueError(f"order.shape={order.shape} is not accepted: expected "
+                     f"{(moe_layers, config.model.num_experts)} (moe_layers, experts)")
+  scanned = bool(config.model.scan_layers)
+  leaves = []
+  for path, leaf in nnx.to_flat_state(model_state):
+    value = _value(leaf)
+    is_expert = path[-2:-1] == ("experts",) and path[-1] in _EXPERT_WEIGHTS
+    is_router = path[-2:] in (("router", "kernel"), ("router", "bias"))
+    if path[:2] == ("moe_layers", "layers") and (is_expert or is_router):
+      axis = value.ndim - 1 if is_router else (1 if scanned else 0)
+      if scanned:  # [layers, ...]: each layer its own order.
+        value = jax.vmap(lambda v, o: jnp.take(v, o, axis=axis - 1))(value, order)
+      else:  # ('moe_layers', 'layers', i, ...)
+        value = jnp.take(value, order[path[2]], axis=axis)
+    leaves.append((path, leaf.replace(value) if isinstance(leaf, nnx.Variable) else value))
+  return nnx.from_flat_state(leaves)
+
+
 def export_submodel(config: ml_collections.ConfigDict, model_state: nnx.State,
-                    sub: elastic.SubModel) -> tuple[ml_collections.ConfigDict, nnx.State]:
+                    sub: elastic.SubModel, *, order: jax.Array | None = None
+                    ) -> tuple[ml_collections.ConfigDict, nnx.State]:
   """The standalone (sub_config, sub_state) of `sub` from the full model's state.
 
   model_state: nnx.state(model) of config's Decoder (e.g. TrainState.model_state()).
+  order: optional [moe_layers, experts] expert order (permute_experts; scheme "paper"):
+  the sub-model keeps the first sub.experts of each layer's order.
   sub_state fits Decoder(sub_config.model, mtp_depth=sub_config.objective.mtp_depth):
   nnx.merge(nnx.graphdef(abstract_model(sub_config)), sub_state) is the sub-model.
   """
   elastic.check_submodel(config, sub)
   kept = elastic.kept_layers(config, sub)
   sub_cfg = elastic.sub_config(config, sub)
+  if order is not None:
+    model_state = permute_experts(config, model_state, order)
   full = dict(nnx.to_flat_state(model_state))
 
   def value_of(path: tuple) -> jax.Array:
@@ -147,7 +208,12 @@ def export_checkpoint(path: str, sub: elastic.SubModel, out_dir: str, *,
     elastic.check_submodel(config, sub)
   config, model = store.restore_model(location, config=config)
   elastic.check_submodel(config, sub)
-  sub_config, sub_state = export_submodel(config, nnx.state(model), sub)
+  order = None
+  if config.elastic.scheme == "paper":  # Keep the experts of highest load (module docstring).
+    data = input_pipeline.create_train_iterator(config)
+    order = expert_order(measure_load(model, [next(data) for _ in range(
+        config.eval.num_batches)]))
+  sub_config, sub_state = export_submodel(config, nnx.state(model), sub, order=order)
   source = str(location.model_dir) + ("" if location.step is None else f" (step {location.step})")
   return write_submodel(out_dir, sub_config, sub_state, sub=sub, source=source,
                         kept_layers=elastic.kept_layers(config, sub))

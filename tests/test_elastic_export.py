@@ -114,12 +114,48 @@ def test_export_slices_the_right_arrays(full):
   np.testing.assert_array_equal(get(sub, "moe_layers", "layers", "ffn", "router", "kernel"),
                                 get(flat, "moe_layers", "layers", "ffn", "router",
                                     "kernel")[1:, :, :3])
-  np.testing.assert_array_equal(get(sub, "moe_layers", "layers", "ffn", "router", "bias"),
-                                get(flat, "moe_layers", "layers", "ffn", "router", "bias")[1:, :3])
+  # Reduced width: trained without the bias in selection, so exported without it; a
+  # depth-only sub-model keeps it.
+  assert not get(sub, "moe_layers", "layers", "ffn", "router", "bias").any()
+  _, deep = elastic_export.export_submodel(config, state, S(2, 4, 2))
+  np.testing.assert_array_equal(
+      get(dict(nnx.to_flat_state(deep)), "moe_layers", "layers", "ffn", "router", "bias"),
+      get(flat, "moe_layers", "layers", "ffn", "router", "bias")[1:])
   for path in (("embed", "table"), ("loss_ema",), ("dense_layers", "layers", "ffn", "w_up")):
     np.testing.assert_array_equal(get(sub, *path), get(flat, *path))
   with pytest.raises(config_lib.ConfigError, match=r"top_k=3 is not accepted"):
     elastic_export.export_submodel(config, state, S(3, 4, 3))
+
+
+def test_paper_export_keeps_the_experts_of_highest_load(full, batch):
+  config, state, masked = full
+  model = elastic_export.build_model(config, state)
+  load = elastic_export.measure_load(model, [dict(zip(
+      ("tokens", "positions", "segment_ids", "group_ids"), batch))])  # [moe_layers, E]
+  order = np.asarray(elastic_export.expert_order(load))
+  np.testing.assert_array_equal(np.sort(np.asarray(load), -1)[:, ::-1],
+                                np.take_along_axis(np.asarray(load), order, -1))
+  order = np.array([[2, 0, 3, 1], [1, 3, 0, 2]])  # each layer its own order
+  permuted = elastic_export.permute_experts(config, state, order)
+  # The permuted full model is the same function (router, bias and experts moved together).
+  full_sub = elastic.masks_for(config, elastic.full_submodel(config))
+  np.testing.assert_allclose(np.asarray(masked(permuted, full_sub)[0]),
+                             np.asarray(masked(state, full_sub)[0]), atol=1e-5, rtol=1e-5)
+  # The export keeps each layer's first experts of the order, and equals the masked model.
+  sub = S(3, 2, 2)
+  sub_config, sub_state = elastic_export.export_submodel(config, state, sub, order=order)
+  w_down = np.asarray(dict(nnx.to_flat_state(sub_state))[
+      ("moe_layers", "layers", "ffn", "experts", "w_down")].get_value())
+  flat = dict(nnx.to_flat_state(state))
+  want = np.asarray(flat[("moe_layers", "layers", "ffn", "experts", "w_down")].get_value())
+  for layer in range(2):
+    np.testing.assert_array_equal(w_down[layer], want[layer, order[layer, :2]])
+  logits, _ = _forward(sub_config, sub_state, batch)
+  np.testing.assert_allclose(np.asarray(logits),
+                             np.asarray(masked(permuted, elastic.masks_for(config, sub))[0]),
+                             atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match=r"order.shape=\(4,\) is not accepted: expected \(2, 4\)"):
+    elastic_export.permute_experts(config, state, order[0])
 
 
 def test_written_export_restores_as_a_normal_decoder(full, batch, tmp_path):

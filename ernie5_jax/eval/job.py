@@ -17,6 +17,9 @@ active parameters per token (`elastic_export.param_counts`), per-modality loss a
 the main head (teacher-forced CE over loss_mask, as training's loss/<modality>) under
 `masks_for(config, sub)` (one compiled program for the whole family), and decode
 tokens/s of the sub-model exported as a standalone model (`decode_tokens_per_sec`).
+Under elastic.scheme "paper" the family is evaluated on the full model with each layer's
+experts reordered by their load on these batches (elastic_export.permute_experts: the
+same function), so a width-w member keeps the w experts of highest load, as its export.
 The routing analysis (eval/routing.py) is of the full model.
 
 Writes to the out dir:
@@ -245,14 +248,19 @@ def evaluate(loc: store.CheckpointLocation, config: ml_collections.ConfigDict, o
   os.makedirs(out_dir, exist_ok=True)
 
   batches = held_out_batches(config)
-  loss_sums = make_loss_sums(model)
+  family_model = model
+  if config.elastic.scheme == "paper":  # Sub-models keep the experts of highest load.
+    order = elastic_export.expert_order(elastic_export.measure_load(model, batches))
+    family_model = elastic_export.build_model(
+        config, elastic_export.permute_experts(config, nnx.state(model), order))
+  loss_sums = make_loss_sums(family_model)
   full = elastic.full_submodel(config)
   rows = []
   for sub in elastic.family(config):
     t0 = time.perf_counter()
     metrics = evaluate_submodel(loss_sums, batches, elastic.masks_for(config, sub))
     counts = elastic_export.param_counts(config, sub)
-    speed, how = decode_tokens_per_second(config, model, sub)
+    speed, how = decode_tokens_per_second(config, family_model, sub)
     rows.append({"submodel": {"depth": sub.depth, "experts": sub.experts, "top_k": sub.top_k},
                  "full": sub == full, "kept_layers": list(elastic.kept_layers(config, sub)),
                  "total_params": counts["total"],

@@ -1,23 +1,32 @@
-"""Elastic sub-models: their specs, canonical layer choice, per-step sampling and masks.
+"""Elastic sub-models: their specs, layer / expert choice, per-step sampling and masks.
 
 ERNIE 5.0 (arXiv 2602.04705) trains, in one pre-training run, a family of sub-models of
-one MoE decoder along three axes:
+one MoE decoder along three axes (config.elastic.scheme says which layers / experts):
 - depth: a SubModel keeps `depth` of the model.num_layers layers (dense ones included);
-  a skipped layer is the identity. The layers a depth keeps are canonical (`kept_layers`):
-  the first and the last layer are always kept and the L - depth dropped layers are
-  spread evenly over the interior ones, drop i (0-based, of m) at interior position
-  floor((i + 1/2) * n / m), n = L - 2 interior layers. So every depth names one
-  well-defined, exportable sub-network.
-- width: a SubModel keeps the prefix experts 0..experts-1 of every MoE layer; the others
-  get -inf router logits (softmax / sigmoid give them nothing, top-k never selects them)
-  and their router bias does not move.
+  a skipped layer is the identity; the first and the last layer are always kept.
+  "prefix": the kept layers are canonical (`kept_layers`): the L - depth dropped layers
+  are spread evenly over the interior ones, drop i (0-based, of m) at interior position
+  floor((i + 1/2) * n / m), n = L - 2 interior layers. "paper": each draw drops L - depth
+  interior layers at random (ERNIE's code); export keeps the canonical ones.
+- width: a SubModel keeps `experts` routed experts of every MoE layer; the others get -inf
+  router logits (softmax / sigmoid give them nothing, top-k never selects them).
+  "prefix": experts 0..experts-1. "paper": a random subset, experts / S on each of the
+  S = mesh.expert expert shards (the report's multiples of the expert-parallel size);
+  export keeps the experts of highest measured load (elastic_export.expert_order).
 - sparsity: top_k experts per token, at most model.top_k.
+Router bias (ERNIE's elastic MoE layer): a pass selects on score + bias, and its expert
+usage moves the bias, only at full width and full top-k (router.py, train/step.py); a
+reduced pass selects on the scores alone, so a sub-model's skewed load never steers the
+full model's balance.
 
-Training draws the sub-models in-jit (`sample_masks`) as traced `ElasticMasks`, so one
-compiled step serves every sub-model: the decoder skips layers with `lax.cond` and picks
-the top-k with `lax.switch` over the static set `top_k_choices(config)`.
-config.elastic (ernie5_jax/config.py) sets the probabilities and the choices of each axis;
-`family` lists the sub-models the eval and export tools report.
+Training draws the sub-models in-jit (`sample_masks`) as traced `ElasticMasks`, never the
+full model (pass 0 trains it): each axis is reduced with probability q = 1 - full_*_prob
+(0 without choices), independently, conditioned on at least one axis being reduced; so
+P(axis a reduced) = q_a / (1 - prod_b (1 - q_b)) (defaults: depth 0.48, experts and top-k
+0.385 each) and the reduced value is uniform over that axis's choices. One compiled step
+serves every sub-model: the decoder skips layers with `lax.cond` and picks the top-k with
+`lax.switch` over the static set `top_k_choices(config)`. `family` lists the sub-models the
+eval and export tools report.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ from ernie5_jax.config import ConfigError
 class SubModel:
   """One member of the elastic family: layers kept, routed experts kept, experts per token."""
   depth: int  # Decoder layers kept, dense ones included (kept_layers says which).
-  experts: int  # Routed experts kept per MoE layer (the prefix 0..experts-1).
+  experts: int  # Routed experts kept per MoE layer (scheme: which ones).
   top_k: int  # Experts per token, <= model.top_k.
 
   def __str__(self) -> str:
@@ -102,15 +111,25 @@ def expert_choices(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   m = config.model
   if config.elastic.expert_counts:
     return tuple(sorted(config.elastic.expert_counts))
-  return _derived((m.num_experts // 2, round(0.75 * m.num_experts)), m.top_k,
-                  m.num_experts - 1)
+  values = (m.num_experts // 2, round(0.75 * m.num_experts))
+  if config.elastic.scheme == "paper":  # Multiples of the expert shards.
+    shards = expert_shards(config)
+    values = (shards * (v // shards) for v in values)
+  return _derived(values, max(m.top_k, 1), m.num_experts - 1)
+
+
+def expert_shards(config: ml_collections.ConfigDict) -> int:
+  """S, the expert shards "paper" keeps experts evenly over: mesh.expert (1 if -1)."""
+  return max(config.mesh.expert, 1)
 
 
 def top_k_choices(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   """All top-k values training uses, ascending, model.top_k last (ElasticMasks.top_ks)."""
   k = config.model.top_k
+  derived = ((math.ceil(k / 2), round(0.75 * k)) if config.elastic.scheme == "prefix" else
+             range(math.ceil(k / 2), k))  # "paper": k uniform over a range.
   below = (tuple(sorted(config.elastic.top_ks)) if config.elastic.top_ks else
-           _derived((math.ceil(k / 2), round(0.75 * k)), 1, k - 1))
+           _derived(derived, 1, k - 1))
   return below + (k,)
 
 
@@ -188,34 +207,79 @@ def masks_for(config: ml_collections.ConfigDict, sub: SubModel) -> ElasticMasks:
       top_ks=top_k_choices(config))
 
 
-def sample_masks(config: ml_collections.ConfigDict, key: jax.Array) -> ElasticMasks:
-  """Draws one sub-model (jit/vmap-able): each axis full with its config.elastic.*_prob, else
-  uniform over its choices (module docstring)."""
-  el, m = config.elastic, config.model
-  k_depth, k_experts, k_top_k = jax.random.split(key, 3)
+def reduce_probs(config: ml_collections.ConfigDict) -> np.ndarray:
+  """[8] probabilities of which axes a draw reduces (bit 0 depth, 1 experts, 2 top-k).
 
-  def draw(k, p_full: float, num_choices: int) -> jax.Array:
-    """[] int32: num_choices (= full) with prob p_full, else uniform in 0..num_choices-1."""
+  Each axis is reduced with q = 1 - full_*_prob (0 if it has no choices), independently,
+  conditioned on some axis being reduced (pattern 0, the full model, has probability 0).
+  """
+  el = config.elastic
+  q = np.array([0.0 if not depth_choices(config) else 1 - el.full_depth_prob,
+                0.0 if not expert_choices(config) else 1 - el.full_experts_prob,
+                0.0 if len(top_k_choices(config)) < 2 else 1 - el.full_top_k_prob])
+  bits = (np.arange(8)[:, None] >> np.arange(3)) & 1  # [patterns, axes]
+  weights = np.prod(np.where(bits, q, 1 - q), axis=1)  # [patterns]
+  weights[0] = 0.0
+  if weights.sum() <= 0:
+    raise ConfigError(
+        f"config.elastic cannot draw a sub-model other than the full model: depths "
+        f"{depth_choices(config)}, expert_counts {expert_choices(config)}, top_ks "
+        f"{top_k_choices(config)[:-1]} with full_*_prob {tuple(1 - q)}; expected an axis "
+        "with choices and a full_*_prob below 1")
+  return weights / weights.sum()
+
+
+def _random_keep(key: jax.Array, groups: int, size: int, keep_per_group: jax.Array
+                 ) -> jax.Array:
+  """[groups, size] bool: keep_per_group (traced) random members of each group."""
+  rank = jnp.argsort(jnp.argsort(jax.random.uniform(key, (groups, size)), axis=-1), axis=-1)
+  return rank < keep_per_group
+
+
+def sample_masks(config: ml_collections.ConfigDict, key: jax.Array) -> ElasticMasks:
+  """Draws one sub-model, never the full model (jit/vmap-able; module docstring)."""
+  m = config.model
+  k_axes, k_depth, k_experts, k_top_k, k_layers, k_subset = jax.random.split(key, 6)
+  pattern = jax.random.choice(k_axes, 8, p=jnp.asarray(reduce_probs(config)))
+  reduced = (pattern >> jnp.arange(3)) & 1  # [3]: depth, experts, top-k
+
+  def pick(k, is_reduced: jax.Array, num_choices: int) -> jax.Array:
+    """[] int32: uniform in 0..num_choices-1 if is_reduced, else num_choices (= full)."""
     if num_choices == 0:
-      return jnp.zeros((), jnp.int32)
-    k_full, k_pick = jax.random.split(k)
-    full = jax.random.bernoulli(k_full, p_full)
-    return jnp.where(full, num_choices, jax.random.randint(k_pick, (), 0, num_choices))
+      return jnp.asarray(num_choices, jnp.int32)
+    return jnp.where(is_reduced > 0, jax.random.randint(k, (), 0, num_choices), num_choices)
 
   depths = depth_choices(config)
-  full = full_submodel(config)
-  # Row j: layer_keep of depths[j]; the last row is the full depth.
-  table = np.stack([np.isin(np.arange(m.num_layers),
-                            kept_layers(config, SubModel(d, full.experts, full.top_k)))
-                    for d in depths + (m.num_layers,)])  # [depths + 1, layers]
-  depth_index = draw(k_depth, el.full_depth_prob, len(depths))
-  counts = jnp.asarray(expert_choices(config) + (m.num_experts,), jnp.int32)
-  experts = counts[draw(k_experts, el.full_experts_prob, len(counts) - 1)]
+  depth = jnp.asarray(depths + (m.num_layers,), jnp.int32)[pick(k_depth, reduced[0],
+                                                                len(depths))]
+  counts = expert_choices(config)
+  experts = jnp.asarray(counts + (m.num_experts,), jnp.int32)[pick(k_experts, reduced[1],
+                                                                   len(counts))]
   top_ks = top_k_choices(config)
-  return ElasticMasks(layer_keep=jnp.asarray(table)[depth_index],
-                      expert_mask=jnp.arange(m.num_experts) < experts,
-                      top_k_index=draw(k_top_k, el.full_top_k_prob, len(top_ks) - 1),
-                      top_ks=top_ks)
+  top_k_index = pick(k_top_k, reduced[2], len(top_ks) - 1)
+  if config.elastic.scheme == "paper":
+    interior = max(m.num_layers - 2, 0)
+    drop = _random_keep(k_layers, 1, interior, m.num_layers - depth)[0]  # [interior]
+    layer_keep = jnp.concatenate([jnp.ones((min(m.num_layers, 2) - 1,), bool), ~drop,
+                                  jnp.ones((1,), bool)])[:m.num_layers]
+    shards = expert_shards(config)
+    expert_mask = _random_keep(k_subset, shards, m.num_experts // shards,
+                               experts // shards).reshape(m.num_experts)
+  else:
+    full = full_submodel(config)
+    # Row j: layer_keep of depths[j]; the last row is the full depth.
+    table = np.stack([np.isin(np.arange(m.num_layers),
+                              kept_layers(config, SubModel(d, full.experts, full.top_k)))
+                      for d in depths + (m.num_layers,)])  # [depths + 1, layers]
+    layer_keep = jnp.asarray(table)[pick(k_depth, reduced[0], len(depths))]
+    expert_mask = jnp.arange(m.num_experts) < experts
+  return ElasticMasks(layer_keep=layer_keep, expert_mask=expert_mask,
+                      top_k_index=top_k_index, top_ks=top_ks)
+
+
+def full_routing(masks: ElasticMasks) -> jax.Array:
+  """[] bool: masks route at full width and full top-k (router bias used and moved)."""
+  return jnp.all(masks.expert_mask, axis=-1) & (masks.top_k_index == len(masks.top_ks) - 1)
 
 
 def describe(masks: ElasticMasks) -> dict[str, jax.Array]:

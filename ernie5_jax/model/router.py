@@ -8,8 +8,9 @@ The router sees only the hidden state, never the token's modality.
 
 Elastic width (ernie5_jax/model/elastic.py): an `expert_mask` gives the experts outside
 it -inf logits, so their scores are 0, they are never selected and the statistics
-(load-balance loss, entropy) count only the active experts; `update_router_bias` with an
-`active` mask leaves the others' bias unchanged.
+(load-balance loss, entropy) count only the active experts. As in ERNIE 5.0's elastic MoE
+layer, the bias enters the selection only at full width and full top-k: a reduced pass
+selects on the scores alone (and train/step.py moves the bias on full-routing passes only).
 
 Routing replay (rollout router replay, RL post-training; issue 8, after "R3", arXiv
 2510.11370): `route(..., replay_ids=)` uses given expert ids instead of its own top-k,
@@ -188,9 +189,15 @@ class Router(nnx.Module):
     the ids used, renormalised over the top-k, either way.
     """
     scores = router_scores(logits, self.score)
-    key = scores + jax.lax.stop_gradient(self.bias[...])
+    bias = jax.lax.stop_gradient(self.bias[...])  # [experts]
     num_experts = None
-    if expert_mask is not None:  # Masked experts are never selected, whatever their bias.
+    if expert_mask is not None or top_k != self.top_k:  # Bias at full routing only.
+      full = top_k == self.top_k
+      if expert_mask is not None:
+        full = jnp.logical_and(full, jnp.all(expert_mask))
+      bias = jnp.where(full, bias, 0.0)
+    key = scores + bias
+    if expert_mask is not None:  # Masked experts are never selected.
       key = jnp.where(expert_mask, key, -jnp.inf)
       num_experts = jnp.sum(expert_mask)
     _, expert_ids = jax.lax.top_k(key, top_k)  # [tokens, top_k]

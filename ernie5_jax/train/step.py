@@ -11,9 +11,11 @@ sub-models' gradients add to it (an earlier layout that split the batch between 
 the full model ~1% held-out loss and left top-1 behind the static truncation). A lax.scan
 over the passes accumulates the gradients, which are averaged, and one optimizer update
 follows. The reported metrics are pass 0's (the full model) plus elastic/* for the
-sub-models. The router bias moves on every pass's load, each against the experts its
-sub-model could route to (router.update_router_bias with `active`), so only active
-experts of active layers move. Every sub-model shares one compiled step.
+sub-models. The router bias moves only on the load of passes at full width and full top-k
+(ERNIE 5.0's elastic MoE rule, elastic.full_routing; pass 0 always, a depth-only
+sub-model in the layers it ran), so a sub-model's skewed load never steers the full
+model's balance. A sampled sub-model is never the full model (elastic.sample_masks).
+Every sub-model shares one compiled step.
 """
 
 from __future__ import annotations
@@ -115,7 +117,9 @@ def elastic_grads(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
   for name, value in sizes.items():  # Mean size of this step's sampled sub-models.
     full_metrics[f"elastic/{name}"] = jnp.mean(value[1:])
   nd = config.model.num_dense_layers
-  active = masks.layer_keep[:, nd:, None] & masks.expert_mask[:, None, :]
+  full_routing = jax.vmap(elastic_lib.full_routing)(masks)  # [passes]
+  active = (masks.layer_keep[:, nd:, None] & full_routing[:, None, None]
+            & masks.expert_mask[:, None, :])  # [passes, moe_layers, E]
   return grads, full_metrics, jax.tree.map(lambda v: v[0], aux), aux["expert_load"], active
 
 

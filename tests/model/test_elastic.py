@@ -120,12 +120,33 @@ def test_check_submodel_names_the_allowed_ranges(config):
     ("top_ks", (2,), r"config.elastic.top_ks=\(2,\) .*in 1..1 \(below model.top_k\)"),
     ("full_depth_prob", 1.5, r"config.elastic.full_depth_prob=1.5 .*probability in \[0, 1\]"),
     ("sub_models", 0, r"config.elastic.sub_models=0 is not accepted: expected an int >= 1"),
+    ("scheme", "random", r"config.elastic.scheme='random' is not accepted: expected one of "
+                         r"\('prefix', 'paper'\)"),
 ])
 def test_config_errors_name_the_field(field, value, message):
   config = tiny_config()
   config.elastic[field] = value
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.validate(config)
+
+
+def test_config_rejects_a_family_without_sub_models():
+  config = tiny_config()
+  config.elastic.update(enabled=True, full_depth_prob=1.0, full_experts_prob=1.0,
+                        full_top_k_prob=1.0)
+  with pytest.raises(config_lib.ConfigError, match=r"elastic.full_\*_prob=\(1.0, 1.0, 1.0\) "
+                     r".*at least one below 1"):
+    config_lib.validate(config)
+  config = tiny_config(num_experts=8)
+  config.elastic.update(scheme="paper", expert_counts=(3, 4))
+  config.mesh.expert = 2
+  with pytest.raises(config_lib.ConfigError, match=r"elastic.expert_counts=\(3, 4\) .*multiples "
+                     r"of mesh.expert=2"):
+    config_lib.validate(config)
+  config = tiny_config(num_layers=2, top_k=1)
+  config.elastic.full_experts_prob = 1.0  # the only axis with choices never reduces
+  with pytest.raises(config_lib.ConfigError, match="cannot draw a sub-model other than the full"):
+    elastic.reduce_probs(config)
 
 
 def test_enabled_config_derives_and_accepts_explicit_choices():
@@ -153,25 +174,52 @@ def test_param_counts(config, model):
 # --- sampling ---------------------------------------------------------------------------
 
 
-def test_sample_masks_frequencies_match_the_config(config):
+def test_sample_masks_never_draw_the_full_model_and_keep_the_documented_marginals(config):
   keys = jax.random.split(jax.random.key(0), 4000)
   masks = jax.jit(jax.vmap(lambda k: elastic.sample_masks(config, k)))(keys)
   assert masks.top_ks == (1, 2)
   depth = np.asarray(masks.layer_keep).sum(-1)
   experts = np.asarray(masks.expert_mask).sum(-1)
   top_k = np.asarray(masks.top_k)
-  tol = 0.025  # ~3.5 standard errors at n = 4000
-  assert abs(np.mean(depth == 3) - 0.75) < tol
-  assert abs(np.mean(experts == 4) - 0.8) < tol
-  assert abs(np.mean(top_k == 2) - 0.8) < tol
-  # Not full: uniform over the choices (2 or 3 experts: 0.1 each).
-  assert abs(np.mean(experts == 2) - 0.1) < tol and abs(np.mean(experts == 3) - 0.1) < tol
-  assert set(np.unique(depth)) == {2, 3} and set(np.unique(experts)) == {2, 3, 4}
-  # Layer masks are the canonical ones, expert masks prefixes; the axes are independent.
+  assert not np.any((depth == 3) & (experts == 4) & (top_k == 2))  # never the full model
+  # Each axis reduced with q = 1 - full_*_prob, conditioned on "not full": q / 0.52.
+  not_full = 1 - 0.75 * 0.8 * 0.8
+  np.testing.assert_allclose(elastic.reduce_probs(config)[1:].sum(), 1.0)
+  tol = 0.025  # ~3 standard errors at n = 4000
+  assert abs(np.mean(depth == 2) - 0.25 / not_full) < tol
+  assert abs(np.mean(experts < 4) - 0.2 / not_full) < tol
+  assert abs(np.mean(top_k == 1) - 0.2 / not_full) < tol
+  # Reduced: uniform over the choices (2 or 3 experts).
+  assert abs(np.mean(experts == 2) - np.mean(experts == 3)) < tol
+  assert abs(np.mean((depth == 2) & (experts < 4)) - 0.25 * 0.2 / not_full) < tol
+  # "prefix": layer masks are the canonical ones, expert masks prefixes.
   np.testing.assert_array_equal(np.asarray(masks.layer_keep)[depth == 2][0], [True, False, True])
   em = np.asarray(masks.expert_mask)
   np.testing.assert_array_equal(em, np.arange(4)[None, :] < experts[:, None])
-  assert abs(np.mean((depth == 3) & (experts == 4)) - 0.75 * 0.8) < tol
+
+
+def test_paper_scheme_draws_random_layers_and_expert_subsets_per_shard():
+  config = tiny_config(num_layers=5, num_experts=8)
+  config.elastic.scheme = "paper"
+  config.mesh.expert = 2
+  config_lib.validate(config)
+  assert elastic.expert_choices(config) == (4, 6) and elastic.depth_choices(config) == (2, 4)
+  masks = jax.jit(jax.vmap(lambda k: elastic.sample_masks(config, k)))(
+      jax.random.split(jax.random.key(2), 2000))
+  keep, em = np.asarray(masks.layer_keep), np.asarray(masks.expert_mask)
+  depth, experts = keep.sum(-1), em.sum(-1)
+  assert keep[:, 0].all() and keep[:, -1].all()  # first and last always kept
+  assert set(np.unique(depth)) == {2, 4, 5} and set(np.unique(experts)) == {4, 6, 8}
+  assert len({tuple(row) for row in keep[depth == 4]}) == 3  # any one interior layer drops
+  # Experts: as many on each of the 2 shards (4 experts each), a random subset.
+  assert (em.reshape(-1, 2, 4).sum(-1) == experts[:, None] // 2).all()
+  assert len({tuple(row) for row in em[experts == 4]}) > 8
+  np.testing.assert_allclose(em[experts == 4].mean(0), 0.5, atol=0.1)  # no expert favoured
+  # k uniform over ceil(k/2)..k-1 by default under "paper".
+  prefix8 = tiny_config(num_experts=8, top_k=8)
+  assert elastic.top_k_choices(prefix8) == (4, 6, 8)
+  prefix8.elastic.scheme = "paper"
+  assert elastic.top_k_choices(prefix8) == (4, 5, 6, 7, 8)
 
 
 def test_masks_for_and_axis_without_choices():
@@ -265,6 +313,22 @@ def test_masked_experts_are_never_routed_and_get_no_bias_update():
   mean = load[active].mean()
   np.testing.assert_allclose(new[active] - bias[active], 0.1 * np.sign(mean - load[active]),
                              atol=1e-6)
+
+
+def test_router_selects_with_the_bias_only_at_full_width_and_top_k():
+  router = router_lib.Router(32, 6, 2, score="softmax", param_dtype=jnp.float32,
+                             rngs=nnx.Rngs(0))
+  router.bias[...] = jnp.array([0.0, 0.0, 0.0, 0.0, 0.0, 5.0])  # expert 5 always wins with it
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(32, 32)), jnp.float32)
+  logits = router.logits(x)
+  all_on = jnp.ones(6, bool)
+  full = router.route(logits, 2, all_on)
+  assert (np.asarray(full.expert_ids)[:, 0] == 5).all()
+  scores = np.asarray(jax.nn.softmax(logits, -1))
+  for k, mask in ((1, all_on), (2, all_on.at[0].set(False)), (1, all_on.at[0].set(False))):
+    out = router.route(jnp.where(mask, logits, -jnp.inf), k, mask)
+    want = np.argsort(-np.where(np.asarray(mask), scores, -np.inf), axis=-1)[:, :k]
+    np.testing.assert_array_equal(np.asarray(out.expert_ids), want, err_msg=f"{k=}")
 
 
 def test_bias_update_sums_pass_deviations():

@@ -1,5 +1,6 @@
 """The elastic train step (train/step.py): full model + sampled sub-models in one optimizer
-step, averaged gradients, router-bias rule, draws from (seed, step), one compile."""
+step, averaged gradients, router-bias rule (full-routing passes only), draws from (seed,
+step) that are never the full model, one compile."""
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,10 @@ def setup():
   tx, schedule = optax.sgd(1.0), optax.constant_schedule(1.0)
   graphdef, state = state_lib.init_train_state(lambda: create_model(config), tx)
   data = input_pipeline.create_train_iterator(config)
-  return dict(config=config, graphdef=graphdef, state=state,
+  one_pass = jax.jit(lambda params, rest, batch, sub: jax.value_and_grad(
+      step_lib.loss_and_metrics, has_aux=True)(params, rest, batch, graphdef=graphdef,
+                                               config=config, elastic=sub))
+  return dict(config=config, graphdef=graphdef, state=state, one_pass=one_pass,
               train_step=step_lib.make_train_step(config, graphdef, tx, schedule),
               batches=[next(data) for _ in range(NUM_STEPS)])
 
@@ -62,21 +66,35 @@ def test_draws_depend_on_seed_and_step_only(setup):
     elastic.check_submodel(config, sub)  # every draw is a valid member of the family
 
 
-def test_grads_average_the_passes_and_bias_follows_every_one(setup):
+def test_no_step_trains_the_full_model_twice(setup):
+  config = setup["config"]
+  masks = jax.jit(jax.vmap(lambda s: step_lib.step_masks(config, s)))(jnp.arange(500))
+  full = elastic.full_submodel(config)
+  subs = [_subs(jax.tree.map(lambda v, i=i: v[i], masks)) for i in range(500)]
+  assert all(s[0] == full for s in subs)
+  assert not any(s[1] == full for s in subs)  # the unconditioned draw: ~3% (0.3^3) here
+
+
+def _first_step(config, reduced_routing: bool) -> int:
+  """The first step whose sampled sub-model does (not) reduce the width or the top-k."""
+  masks = jax.jit(jax.vmap(lambda s: step_lib.step_masks(config, s)))(jnp.arange(100))
+  reduced = ~np.asarray(jax.vmap(jax.vmap(elastic.full_routing))(masks))[:, 1]  # [steps]
+  (steps,) = np.nonzero(reduced == reduced_routing)
+  return int(steps[0])
+
+
+@pytest.mark.parametrize("reduced_routing", [True, False], ids=["reduced", "depth_only"])
+def test_grads_average_the_passes_and_bias_moves_on_full_routing_only(setup, reduced_routing):
   s, config = setup, setup["config"]
   batch = s["batches"][0]
-  before = _copy(s["state"])
+  step = _first_step(config, reduced_routing)
+  before = _copy(s["state"]).replace(step=jnp.asarray(step, jnp.int32))
   after, metrics = s["train_step"](_copy(before), batch)
 
   # Reference: the whole batch through each pass's sub-model, outside the step's scan.
   masks = step_lib.step_masks(config, before.step)
-
-  @jax.jit
-  def one(params, rest, mb, sub):
-    return jax.value_and_grad(step_lib.loss_and_metrics, has_aux=True)(
-        params, rest, mb, graphdef=s["graphdef"], config=config, elastic=sub)
-  outs = [one(before.params, before.rest, batch, jax.tree.map(lambda v, i=i: v[i], masks))
-          for i in range(2)]
+  outs = [s["one_pass"](before.params, before.rest, batch,
+                        jax.tree.map(lambda v, i=i: v[i], masks)) for i in range(2)]
   want = jax.tree.map(lambda a, b: (a + b) / 2, outs[0][1], outs[1][1])
   got = jax.tree.map(lambda p, q: p - q, before.params, after.params)  # SGD(1): -grads
   for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
@@ -91,15 +109,20 @@ def test_grads_average_the_passes_and_bias_follows_every_one(setup):
   assert (float(metrics["elastic/depth"]), float(metrics["elastic/experts"]),
           float(metrics["elastic/top_k"])) == (sub.depth, sub.experts, sub.top_k)
 
-  # Router bias: summed deviations of both passes, each over its active experts.
-  load = jnp.stack([out[0][1][1]["expert_load"] for out in outs])  # [passes, layers, E]
-  active = masks.layer_keep[:, 1:, None] & masks.expert_mask[:, None, :]
+  # Router bias (ERNIE's elastic rule): pass 0's load, plus the sub-model's in the layers
+  # it ran only when it routes at full width and full top-k; a reduced pass moves nothing.
+  load = np.stack([np.asarray(out[0][1][1]["expert_load"]) for out in outs])  # [2, layers, E]
+  keep = np.asarray(masks.layer_keep)[:, 1:]  # [passes, moe_layers]
+  deviation = np.asarray(router_lib.load_deviation(jnp.asarray(load[0]))).copy()
+  if not reduced_routing:
+    deviation += np.asarray(router_lib.load_deviation(jnp.asarray(load[1]))) * keep[1][:, None]
   (bias0,) = jax.tree.leaves(before.rest.filter(RouterBias))
   (bias1,) = jax.tree.leaves(after.rest.filter(RouterBias))
-  deviation = np.asarray(router_lib.load_deviation(load, active)).sum(0)
   sure = np.abs(deviation) > 1e-3  # away from the sign's 0
+  assert sure.sum() > 4
   np.testing.assert_allclose((np.asarray(bias1) - np.asarray(bias0))[sure],
                              RATE * np.sign(deviation)[sure], atol=1e-7)
+  assert elastic.full_routing(jax.tree.map(lambda v: v[1], masks)) != reduced_routing
 
 
 def test_steps_with_different_submodels_compile_once(setup):
