@@ -95,6 +95,9 @@ def default_config() -> ml_collections.ConfigDict:
   m.expert_hidden = 64  # Hidden width of one fine-grained SwiGLU expert.
   m.top_k = 2  # Experts chosen per token.
   m.router_score = "softmax"  # Router score function: "softmax" or "sigmoid".
+  # Storage dtype of the router kernel; "" = model.param_dtype. ERNIE 4.5 keeps its gate in
+  # float32 in bf16 checkpoints (the import sets "float32"), so that routing is not rounded.
+  m.router_param_dtype = ""
   # MoE dispatch backend: "auto" (ops/backend.py: "pallas" on TPU/GPU, "gather" on CPU),
   # "gather", "ragged_dot", "capacity" (token dropping) or "pallas" (interpret mode on CPU).
   m.moe_dispatch = "auto"
@@ -146,6 +149,10 @@ def default_config() -> ml_collections.ConfigDict:
   d.video_scales = (1, 2, 4)  # The same, per video frame.
   d.video_frames = 2  # Frames kept per clip (evenly spaced).
   d.skip_corrupt = False  # Skip (and count) unreadable records instead of raising.
+  # SentencePiece model of the text sources ("tfds:" / "seqio:"; the embedded multimodal data
+  # keeps its own vocabulary): "" = the committed stdlib tokenizer; an imported checkpoint's
+  # tokenizer.model (--mode=import sets it), whose pieces must fit in model.vocab_size.
+  d.text_model = ""
   # Split the training pipeline reads (embedded and tfds:/seqio: sources); the eval job reads
   # eval.split instead.
   d.split = "train"
@@ -384,6 +391,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check_ranges(config, positive=_POSITIVE, non_negative=_NON_NEGATIVE)
 
   m = config.model
+  if m.router_param_dtype not in ("",) + DTYPES:
+    fail("model.router_param_dtype", m.router_param_dtype,
+         f"expected '' (model.param_dtype) or one of {DTYPES}")
   if m.top_k > m.num_experts:
     fail("model.top_k", m.top_k, f"expected <= model.num_experts={m.num_experts}")
   if m.num_heads % m.num_kv_heads:

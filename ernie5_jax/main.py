@@ -102,6 +102,8 @@ flags.DEFINE_enum("format", "orbax", ("orbax", "hf"), "--mode=export: 'orbax' (m
                   "config.json for transformers; --submodel optional; ernie5_jax/interop).")
 flags.DEFINE_string("hf_checkpoint", None, "--mode=import: an ERNIE 4.5 Hugging Face checkpoint "
                     "directory (config.json + *.safetensors) to import into --workdir.")
+flags.DEFINE_string("calibration_text", None, "--mode=import: a text file whose tokens measure "
+                    "the expert loads; each MoE layer's experts are stored most-loaded first.")
 flags.DEFINE_string("topology", None, "--mode=compile: the target, e.g. 'v5p:4x4x4' (a TPU "
                     "slice, compiled by libtpu) or 'h100:16' (GPUs, lowered); ernie5_jax/aot.")
 flags.mark_flags_as_required(["workdir"])  # --config: required by --mode=train (main).
@@ -195,7 +197,8 @@ def _run_import() -> None:
   from ernie5_jax import store  # pylint: disable=g-import-not-at-top
   from ernie5_jax.interop import ernie45  # pylint: disable=g-import-not-at-top
   try:
-    out = ernie45.import_checkpoint(FLAGS.hf_checkpoint, FLAGS.workdir)
+    out = ernie45.import_checkpoint(FLAGS.hf_checkpoint, FLAGS.workdir,
+                                    calibration_text=FLAGS.calibration_text)
   except (ernie45.HFCheckpointError, store.WorkdirError, config_lib.ConfigError,
           FileExistsError) as e:
     fail(f"error: {type(e).__name__}: {e}")

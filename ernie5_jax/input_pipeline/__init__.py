@@ -22,6 +22,8 @@ exactly where it stopped.
 
 from __future__ import annotations
 
+import os
+
 import grain
 import jax
 import jax.numpy as jnp
@@ -65,7 +67,7 @@ def create_dataset(config: ml_collections.ConfigDict, *, process_index: int | No
     return seqio_tasks.make_text_pipeline(
         d.source, seq_len=d.seq_len, batch_size=local, seed=d.shuffle_seed,
         data_dir=d.data_dir or multimodal.default_data_dir(), split=d.get("split", "train"),
-        **shard)
+        text_model=multimodal.MultimodalConfig.from_config(d).text_model, **shard)
   if d.source != "synthetic":
     raise ValueError(f"config.data.source={d.source!r} is not accepted: expected 'synthetic', "
                      "'digits_multimodal', 'digits_sft', 'tfds:NAME' or 'seqio:NAME'")
@@ -89,6 +91,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   from ernie5_jax.input_pipeline import multimodal  # pylint: disable=g-import-not-at-top
   from ernie5_jax.input_pipeline import tokenizers  # pylint: disable=g-import-not-at-top
   d, m = config.data, config.model
+  if d.get("text_model") and not os.path.isfile(d.text_model):
+    config_lib.fail("data.text_model", d.text_model,
+                    "expected a SentencePiece model file, or '' (the committed tokenizer)")
   try:
     layout = multimodal.vocabulary_layout(d)
     if d.source == "digits_multimodal":
@@ -102,6 +107,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
       if not want or want != scales[:len(want)]:
         config_lib.fail(f"data.{field}", want,
                         f"expected a prefix of the image tokenizer's scales {scales}")
+  if d.get("text_model") and d.source.startswith(config_lib.TEXT_SOURCE_PREFIXES):
+    # A checkpoint's own tokenizer (ernie5_jax/interop): text ids only, below its piece count.
+    pieces = tokenizers.text_tokenizer(d.text_model).vocab_size
+    if m.vocab_size < pieces:
+      config_lib.fail("model.vocab_size", m.vocab_size,
+                      f"expected >= {pieces}, the pieces of data.text_model={d.text_model!r}: "
+                      "the model's vocabulary does not hold the data's")
+    return
   if m.vocab_size != layout.vocab_size:
     config_lib.fail("model.vocab_size", m.vocab_size,
                     f"expected the data's vocabulary size {layout.vocab_size} "

@@ -79,6 +79,8 @@ class MultimodalConfig:
             data_cfg, f.name, None)
       if value is None and f.name in defaults:
         value = defaults[f.name]
+      if f.name == "text_model" and not value:  # config.data.text_model "": the committed one.
+        value = None
       if value is not None:
         kwargs[f.name] = tuple(value) if f.name.endswith("_scales") else value
     return cls(**kwargs)

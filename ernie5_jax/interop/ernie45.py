@@ -41,6 +41,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -53,7 +54,7 @@ from ernie5_jax import sharding
 from ernie5_jax import elastic_export
 from ernie5_jax import store
 from ernie5_jax.elastic_export import abstract_model
-from ernie5_jax.model import elastic
+from ernie5_jax.model import elastic, rope
 
 HF_CONFIG = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -149,7 +150,8 @@ def model_config(hf: dict[str, Any], *, param_dtype: str = "float32"
       top_k=_hf_get(hf, "moe_k") if moe else 1, router_score="softmax",
       norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
       tie_embeddings=bool(hf.get("tie_word_embeddings", True)), embed_scale=False,
-      dtype=param_dtype, param_dtype=param_dtype, audio_levels=1)
+      dtype=param_dtype, param_dtype=param_dtype, router_param_dtype="float32",
+      audio_levels=1)
   config.objective.update(mtp_depth=0, audio_level_weights=())
   config.data.num_modalities = 1  # Text only (the synthetic source's count).
   try:
@@ -418,10 +420,14 @@ def checkpoint_dtype(headers: dict[str, tuple[str, tuple[int, ...], str]]) -> st
   return "bfloat16" if dtype == "BF16" else "float32"
 
 
-def import_checkpoint(hf_dir: str, out_dir: str, *, param_dtype: str | None = None) -> str:
+def import_checkpoint(hf_dir: str, out_dir: str, *, param_dtype: str | None = None,
+                      calibration_text: str | None = None) -> str:
   """Imports an ERNIE 4.5 HF checkpoint into out_dir (model/ + config.json); returns out_dir.
 
   param_dtype: the stored parameters' dtype (default: the checkpoint's, bf16 stays bf16).
+  calibration_text: a text file; its tokens (the checkpoint's tokenizer.model) measure each
+    MoE layer's expert loads and the experts are stored most-loaded first
+    (elastic_export.permute_experts: router, bias and expert weights together).
   Everything is checked (config keys, tensor names and shapes) before anything is written.
   """
   start = time.perf_counter()
@@ -437,20 +443,54 @@ def import_checkpoint(hf_dir: str, out_dir: str, *, param_dtype: str | None = No
   config = model_config(hf, param_dtype=param_dtype or checkpoint_dtype(headers))
   table = tensor_table(config)
   skipped = check_tensors(config, table, headers)
+  tokens = None
+  if calibration_text is not None:
+    tokens = calibration_tokens(calibration_text, os.path.join(hf_dir, TOKENIZER))
   state = load_state(config, table, headers)
+  order = None
+  if tokens is not None and config.model.num_dense_layers < config.model.num_layers:
+    rows, seq = tokens.shape  # Text: positions t = h = w, one segment per row.
+    batch = {"tokens": jnp.asarray(tokens), "positions": rope.text_positions(rows, seq),
+             "segment_ids": jnp.ones((rows, seq), jnp.int32),
+             "group_ids": jnp.zeros((rows, seq), jnp.int32)}
+    model = nnx.merge(nnx.graphdef(abstract_model(config)), state)
+    order = np.asarray(elastic_export.expert_order(elastic_export.measure_load(model, [batch])))
+    state = elastic_export.permute_experts(config, state, order)
   store.ensure_writable(out_dir)
-  store.save_model(out_dir, config, state)
   tokenizer = os.path.join(hf_dir, TOKENIZER)
-  if os.path.isfile(tokenizer):
-    shutil.copyfile(tokenizer, os.path.join(out_dir, TOKENIZER))
+  if os.path.isfile(tokenizer):  # The text sources' vocabulary (config.data.text_model).
+    config.data.text_model = os.path.join(os.path.abspath(out_dir), TOKENIZER)
+    shutil.copyfile(tokenizer, config.data.text_model)
+  store.save_model(out_dir, config, state)
   report = {"source": os.path.abspath(hf_dir), "model_type": hf["model_type"],
             "files": [os.path.basename(f) for f in files], "tensors": len(table),
             "skipped_tensors": skipped, "param_dtype": config.model.param_dtype,
+            "expert_order": None if order is None else order.tolist(),
             "seconds": round(time.perf_counter() - start, 3)}
   with open(os.path.join(out_dir, IMPORT_REPORT), "w") as f:
     json.dump(report, f, indent=2)
   logging.info("Imported %s (%d tensors) into %s.", hf_dir, len(table), out_dir)
   return out_dir
+
+
+# --- expert order (elastic_export.permute_experts) ---------------------------------------
+
+def calibration_tokens(text_path: str, tokenizer: str, *, rows: int = 8,
+                       seq_len: int = 128) -> np.ndarray:
+  """Token ids [rows, seq_len] of a text file's lines, encoded and concatenated (wrapping)."""
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(tokenizer):
+    raise HFCheckpointError(f"expert reordering needs the checkpoint's {TOKENIZER} to encode "
+                            f"{text_path!r}; {tokenizer} does not exist")
+  if not os.path.isfile(text_path):
+    raise HFCheckpointError(f"--calibration_text={text_path!r} is not accepted: expected a "
+                            "text file")
+  sp = spm.SentencePieceProcessor(model_file=tokenizer)
+  with open(text_path) as f:
+    ids = [i for line in f for i in sp.encode(line.strip()) if line.strip()]
+  if not ids:
+    raise HFCheckpointError(f"--calibration_text={text_path!r} holds no text")
+  return np.resize(np.asarray(ids, np.int32), (rows, seq_len))
 
 
 # --- export -------------------------------------------------------------------------------
@@ -505,14 +545,11 @@ def export_hf(config: ml_collections.ConfigDict, model_state: nnx.State, out_dir
 
 def export_checkpoint(path: str, out_dir: str, *, sub: elastic.SubModel | None = None) -> str:
   """The model at `path` (anything store.restore_model takes), or its elastic sub-model `sub`,
-  written by export_hf to out_dir with the checkpoint's tokenizer.model if it has one."""
+  written by export_hf to out_dir with its tokenizer (config.data.text_model) if it has one."""
   location = store.locate(path)
   config, model = store.restore_model(location)
   hf_config(config)  # An unexportable model fails before anything is computed.
   state = nnx.state(model)
   if sub is not None:
     config, state = elastic_export.export_submodel(config, state, sub)
-  tokenizer = None
-  if location.config_path is not None:
-    tokenizer = os.path.join(os.path.dirname(str(location.config_path)), TOKENIZER)
-  return export_hf(config, state, out_dir, tokenizer=tokenizer)
+  return export_hf(config, state, out_dir, tokenizer=config.data.get("text_model") or None)

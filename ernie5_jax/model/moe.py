@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from ernie5_jax.model.layers import MLP, fan_in_init, param
+from ernie5_jax.model.layers import MLP, fan_in_init, param, to_dtype
 from ernie5_jax.model.router import Router
 from ernie5_jax.ops.moe_dispatch import expert_ffn
 
@@ -47,8 +47,10 @@ class MoE(nnx.Module):
   """Routed experts (+ shared experts) applied to every token of [batch, seq, embed]."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, dtype, param_dtype, rngs: nnx.Rngs):
+    router_dtype = cfg.get("router_param_dtype") or None
     self.router = Router(cfg.d_model, cfg.num_experts, cfg.top_k, score=cfg.router_score,
-                         param_dtype=param_dtype, rngs=rngs)
+                         param_dtype=to_dtype(router_dtype) if router_dtype else param_dtype,
+                         rngs=rngs)
     self.experts = Experts(cfg.d_model, cfg.expert_hidden, cfg.num_experts,
                            param_dtype=param_dtype, rngs=rngs)
     # num_shared experts of width expert_hidden, always on, are one dense SwiGLU of

@@ -211,3 +211,44 @@ def test_cli_import_error_is_one_line_with_status_2(tmp_path):
       f"error: HFCheckpointError: {tmp_path}/config.json does not exist: expected the HF "
       "checkpoint's config.json")
   assert "Traceback" not in proc.stderr
+
+
+def test_expert_reorder_by_load_is_exact_and_puts_the_busiest_first(imported):
+  """The reorder the import's --calibration_text applies (elastic_export.permute_experts)."""
+  _, config, model, logits, expert_ids = imported["moe"]
+  count = lambda ids: np.stack([np.bincount(ids[l].ravel(), minlength=8) for l in range(2)])
+  order = np.asarray(elastic_export.expert_order(count(expert_ids)))  # [moe_layers, experts]
+  assert not np.array_equal(order, np.tile(np.arange(8), (2, 1)))  # A real permutation.
+  graphdef, state = nnx.split(model)
+  moved = nnx.merge(graphdef, elastic_export.permute_experts(config, state, order))
+  new_logits, new_ids = _forward(moved)
+  np.testing.assert_allclose(new_logits, logits, atol=1e-5)  # Summation order only (2e-6).
+  rank = np.argsort(order, axis=-1)  # Old expert id -> its new position, per layer.
+  np.testing.assert_array_equal(new_ids, np.stack([rank[l][expert_ids[l]] for l in range(2)]))
+  assert np.all(np.diff(count(new_ids), axis=-1) <= 0)  # Busiest first: prefixes keep them.
+
+
+def test_import_takes_the_tokenizer_and_a_calibration_text(imported, tmp_path):
+  from ernie5_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from ernie5_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+  directory, config, _, _, _ = imported["moe"]
+  assert config.data.text_model == os.path.join(directory, "tokenizer.model")
+  assert config.model.router_param_dtype == "float32"
+  text = config.copy_and_resolve_references()
+  text.data.source = "tfds:stdlib_text"  # Text tokenized with the checkpoint's 256 pieces.
+  input_pipeline.validate(text)
+  text.model.vocab_size = 200
+  with pytest.raises(ConfigError, match=r"config.model.vocab_size=200 is not accepted: "
+                                        r"expected >= 256, the pieces of data.text_model"):
+    input_pipeline.validate(text)
+  text.data.text_model = str(tmp_path / "none.model")
+  with pytest.raises(ConfigError, match=r"config.data.text_model=.* expected a SentencePiece"):
+    input_pipeline.validate(text)
+  calib = tmp_path / "calib.txt"
+  calib.write_text("the router scores every hidden state\nexperts are chosen by a router\n")
+  out = ernie45.import_checkpoint(str(MOE), str(tmp_path / "calibrated"),
+                                  calibration_text=str(calib))
+  order = json.loads(pathlib.Path(out, "import.json").read_text())["expert_order"]
+  assert [sorted(row) for row in order] == [list(range(8))] * 2
+  with pytest.raises(ernie45.HFCheckpointError, match=r"needs the checkpoint's tokenizer.model"):
+    ernie45.import_checkpoint(str(DENSE), str(tmp_path / "x"), calibration_text=str(calib))
