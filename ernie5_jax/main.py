@@ -68,6 +68,8 @@ import logging as py_logging
 import os
 import runpy
 import sys
+import threading
+import traceback
 from typing import NoReturn
 
 import ml_collections
@@ -112,18 +114,48 @@ flags.mark_flags_as_required(["workdir"])  # --config: required by --mode=train 
 USAGE_ERROR = 2  # Exit status of every user-facing failure (bad flags, config, paths, data).
 
 
-def fail(message: str) -> NoReturn:
-  """Ends the process with `message` (one line naming the cause and the fix) and status 2."""
+def fail(message: str, *, now: bool = False) -> NoReturn:
+  """Ends the process with `message` (one line naming the cause and the fix) and status 2.
+
+  now=True skips the interpreter's shutdown (after a full disk, library threads that are still
+  retrying writes would print pages of errors while it tears modules down).
+  """
   print(message, file=sys.stderr, flush=True)
+  if now:
+    sys.stdout.flush()
+    os._exit(USAGE_ERROR)  # pylint: disable=protected-access
   sys.exit(USAGE_ERROR)
 
 
 class _QuietLibraries(py_logging.Filter):
-  """Drops INFO records of orbax (a dozen lines per save) and grain; warnings still show."""
+  """Drops INFO records of orbax (a dozen lines per save) and grain; their warnings and
+  errors show as one line each (orbax logs a traceback per failed thread: hundreds of lines
+  on a full disk, when the trainer's own error says it in one)."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
     noisy = "/orbax/" in record.pathname or "/grain/" in record.pathname
+    if (noisy or "/clu/" in record.pathname) and record.levelno >= py_logging.WARNING:
+      record.msg = str(record.getMessage()).splitlines()[0][:300] if record.getMessage() else ""
+      record.args, record.exc_info, record.exc_text = None, None, None
     return record.levelno >= py_logging.WARNING or not noisy
+
+
+def _thread_error_in_one_line(args: threading.ExceptHookArgs) -> None:
+  """Background threads (orbax's commit threads, clu's writer) report an error in one line;
+  the trainer raises the error that matters on its own thread."""
+  text = str(args.exc_value).strip().splitlines()
+  logging.warning("Error in background thread %s: %s: %s", getattr(args.thread, "name", "?"),
+                  args.exc_type.__name__, text[0][:300] if text else "")
+
+
+def _quiet_libraries() -> None:
+  """Installs _QuietLibraries and the one-line thread error report (every job mode)."""
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  threading.excepthook = _thread_error_in_one_line
+  # Callbacks from C++ threads (tensorstore futures into a closed asyncio loop) land here.
+  sys.unraisablehook = lambda u: logging.warning(
+      "Unraisable error in %s: %s: %s", getattr(u.object, "__qualname__", u.object),
+      getattr(u.exc_type, "__name__", u.exc_type), str(u.exc_value).splitlines()[:1])
 
 
 def _unknown_override(argv: list[str]) -> str | None:
@@ -148,15 +180,41 @@ def _unknown_override(argv: list[str]) -> str | None:
   return None
 
 
+def _config_file_error(argv: list[str], error: BaseException) -> str:
+  """One line for a --config file that is missing, unparsable or fails in get_config()."""
+  config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
+  path = config_arg.partition(":")[0]
+  if not os.path.isfile(path):
+    return (f"error: --config={config_arg}: no such file {path!r} (relative to "
+            f"{os.getcwd()}): expected an experiment file, e.g. experiments/tiny.py")
+  if isinstance(error, SyntaxError):
+    return (f"error: --config={config_arg}: {path}, line {error.lineno}: "
+            f"SyntaxError: {error.msg}")
+  lines = [f.lineno for f in traceback.extract_tb(error.__traceback__)
+           if os.path.abspath(f.filename) == os.path.abspath(path)]
+  where = f", line {lines[-1]}" if lines else ""
+  return f"error: --config={config_arg}: {path}{where}: {type(error).__name__}: {error}"
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing; an override of a field the config lacks fails in one clear line."""
+  """absl flag parsing; a bad --config file or override fails in one clear line."""
+  config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if config_arg is not None and not os.path.isfile(config_arg.partition(":")[0]):
+    fail(_config_file_error(argv, FileNotFoundError(config_arg)))  # config_flags defers it.
   try:
     return FLAGS(argv)
   except flags.Error as e:  # Bad values (wrong type, --mode not in MODES): absl's message.
+    cause = e.__cause__ or e.__context__
+    if any(a.startswith("--config=") for a in argv) and isinstance(
+        cause, (OSError, SyntaxError)):
+      fail(_config_file_error(argv, cause))
     fail(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help "
              "on flags.")
   except (KeyError, AttributeError) as e:  # config_flags walking --config.a.b with no a.b.
     fail(f"error: {_unknown_override(argv) or e}")
+  except Exception as e:  # pylint: disable=broad-except
+    # The --config file itself: missing, unparsable, or get_config() raised.
+    fail(_config_file_error(argv, e))
 
 
 def _override_fields(argv: list[str]) -> tuple[str, ...]:
@@ -164,15 +222,23 @@ def _override_fields(argv: list[str]) -> tuple[str, ...]:
   return tuple(a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config."))
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+  """The exceptions every mode reports in one line (exit 2): bad config, paths, files, data."""
+  from ernie5_jax import store  # pylint: disable=g-import-not-at-top
+  from ernie5_jax.input_pipeline import multimodal  # pylint: disable=g-import-not-at-top
+  return (config_lib.ConfigError, store.WorkdirError, store.CheckpointNotFoundError,
+          store.CheckpointMismatchError, store.CheckpointCorruptError, multimodal.DataError,
+          FileExistsError)
+
+
 def _run_eval() -> None:
   """--mode=eval: eval/job.py run_eval on --checkpoint (--watch: eval/watch.py) into --workdir."""
   if not FLAGS.checkpoint:
     fail("error: --mode=eval needs --checkpoint=PATH: a training workdir, its "
              "checkpoints/ dir, one checkpoints/<step>/ dir, or an exported model dir")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  _quiet_libraries()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from ernie5_jax.eval import job  # pylint: disable=g-import-not-at-top
-  from ernie5_jax import store  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # As in train: TF must not reserve JAX's memory.
   try:
     if FLAGS.watch:
@@ -183,8 +249,7 @@ def _run_eval() -> None:
       return
     job.run_eval(FLAGS.checkpoint, FLAGS.workdir, config=FLAGS.config,
                  override_fields=_override_fields(sys.argv[1:]))
-  except (store.CheckpointNotFoundError, store.CheckpointMismatchError,
-          store.WorkdirError, config_lib.ConfigError) as e:
+  except _user_errors() as e:
     fail(f"error: {type(e).__name__}: {e}")
 
 
@@ -193,7 +258,7 @@ def _run_import() -> None:
   if not FLAGS.hf_checkpoint:
     fail("error: --mode=import needs --hf_checkpoint=DIR (an ERNIE 4.5 Hugging Face checkpoint: "
          "config.json + *.safetensors); it writes model/ + config.json to --workdir")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  _quiet_libraries()
   from ernie5_jax import store  # pylint: disable=g-import-not-at-top
   from ernie5_jax.interop import ernie45  # pylint: disable=g-import-not-at-top
   try:
@@ -211,7 +276,7 @@ def _run_export_hf() -> None:
     fail("error: --mode=export --format=hf needs --checkpoint=PATH (a training workdir, its "
          "checkpoints/ dir, one checkpoints/<step>/ dir or an exported / imported model dir); "
          "--submodel=depth,experts,top_k is optional")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  _quiet_libraries()
   from ernie5_jax import store  # pylint: disable=g-import-not-at-top
   from ernie5_jax.interop import ernie45  # pylint: disable=g-import-not-at-top
   from ernie5_jax.model import elastic  # pylint: disable=g-import-not-at-top
@@ -235,7 +300,7 @@ def _run_export() -> None:
     fail("error: --mode=export needs --checkpoint=PATH (a training workdir, its "
              "checkpoints/ dir or one checkpoints/<step>/ dir) and --submodel=depth,experts,"
              "top_k; it writes the sub-model to --workdir")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  _quiet_libraries()
   from ernie5_jax import elastic_export  # pylint: disable=g-import-not-at-top
   from ernie5_jax.model import elastic  # pylint: disable=g-import-not-at-top
   from ernie5_jax import store  # pylint: disable=g-import-not-at-top
@@ -245,8 +310,7 @@ def _run_export() -> None:
     # The config stored with the checkpoint; --config only for a checkpoint without one.
     config = None if location.config_path else FLAGS.config
     out = elastic_export.export_checkpoint(FLAGS.checkpoint, sub, FLAGS.workdir, config=config)
-  except (store.CheckpointNotFoundError, store.CheckpointMismatchError,
-          config_lib.ConfigError, FileExistsError) as e:
+  except _user_errors() as e:
     fail(f"error: {type(e).__name__}: {e}")
   logging.info("Exported sub-model %s of %s to %s.", sub, FLAGS.checkpoint, out)
 
@@ -256,16 +320,14 @@ def _run_generate() -> None:
   if not FLAGS.checkpoint:
     fail("error: --mode=generate needs --checkpoint=PATH: a training workdir, its "
              "checkpoints/ dir, one checkpoints/<step>/ dir, or an exported model dir")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  _quiet_libraries()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from ernie5_jax.eval import samples  # pylint: disable=g-import-not-at-top
-  from ernie5_jax import store  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # The data builders import TF: keep JAX's memory.
   try:
     samples.generate_from_checkpoint(FLAGS.checkpoint, FLAGS.workdir, config=FLAGS.config,
                                  override_fields=_override_fields(sys.argv[1:]))
-  except (store.CheckpointNotFoundError, store.CheckpointMismatchError,
-          config_lib.ConfigError) as e:
+  except _user_errors() as e:
     fail(f"error: {type(e).__name__}: {e}")
 
 
@@ -284,11 +346,11 @@ def _run_compile() -> None:
   if topology.chip.platform != "tpu":  # Lowering for GPUs: host devices stand in for them.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
                                f"device_count={topology.num_devices}").strip()
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  _quiet_libraries()
   from ernie5_jax.aot import compile as aot  # pylint: disable=g-import-not-at-top
   try:
     aot.run_compile(FLAGS.config, FLAGS.topology, FLAGS.workdir)
-  except (config_lib.ConfigError, aot.DoesNotFitError) as e:
+  except _user_errors() + (aot.DoesNotFitError,) as e:
     fail(f"error: {type(e).__name__}: {e}")
 
 
@@ -324,7 +386,7 @@ def main(argv: list[str]) -> None:
     importlib.import_module(config_module).validate(FLAGS.config)
   except config_lib.ConfigError as e:
     fail(f"error: {e}")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  _quiet_libraries()
 
   # Imported here so that --help and config errors do not pay for TensorFlow's import
   # (clu's TensorBoard writer).
@@ -333,7 +395,6 @@ def main(argv: list[str]) -> None:
   # touches a device.
   distributed.maybe_initialize(FLAGS.config)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from ernie5_jax import store  # pylint: disable=g-import-not-at-top
   from ernie5_jax.train import metrics  # pylint: disable=g-import-not-at-top
   trainer = importlib.import_module(trainer_module)
 
@@ -348,13 +409,22 @@ def main(argv: list[str]) -> None:
       fail(f"error: --mode=rl trains the unified model: config.trainer={family!r} is not "
                "accepted (expected 'lm' or absent)")
     run = importlib.import_module("ernie5_jax.rl.train").train_rl
+  from ernie5_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  from ernie5_jax.train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   try:
-    run(FLAGS.config, FLAGS.workdir)
-  except (store.WorkdirError, store.CheckpointMismatchError,
-          store.CheckpointNotFoundError, metrics.NonFiniteLossError) as e:
+    with workdir_lib.lock(FLAGS.workdir, primary=jax.process_index() == 0):
+      run(FLAGS.config, FLAGS.workdir)
+  except _user_errors() + (metrics.NonFiniteLossError,) as e:
     # Errors the user fixes from the command line (every trainer raises the same ones):
     # one clear line, no traceback.
-    fail(f"error: {type(e).__name__}: {e}")
+    fail(f"error: {type(e).__name__}: {e}", now=checkpoint.is_out_of_space(e))
+  except Exception as e:  # pylint: disable=broad-except
+    if not checkpoint.is_out_of_space(e):
+      raise  # A bug: the traceback is the report.
+    # A full disk under any writer (TensorBoard events, orbax, config.json): one line.
+    fail(f"error: no space left on device while writing {FLAGS.workdir} ({type(e).__name__}): "
+         "the newest complete checkpoint there is where a restart resumes; free space and run "
+         "again", now=True)
 
 
 if __name__ == "__main__":

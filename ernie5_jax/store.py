@@ -49,6 +49,14 @@ class CheckpointNotFoundError(FileNotFoundError):
   """A path holds no checkpoint (or no config to rebuild its model)."""
 
 
+class CheckpointCorruptError(ValueError):
+  """A checkpoint's files cannot be read (truncated, garbage metadata, a torn copy)."""
+
+
+class CheckpointWriteError(WorkdirError):
+  """A checkpoint could not be written (disk full, quota, permissions)."""
+
+
 def ensure_writable(workdir: str) -> None:
   """Creates workdir if needed and checks that a file can be written in it."""
   try:
@@ -109,8 +117,13 @@ def save_config(config: ml_collections.ConfigDict, directory: str) -> str:
   """Writes config_lib.to_json(config) to <directory>/config.json (atomically); returns the path."""
   path = epath.Path(directory) / CONFIG_FILE
   tmp = path.parent / f".{CONFIG_FILE}.tmp{os.getpid()}"
-  tmp.write_text(config_lib.to_json(config) + "\n")
-  tmp.replace(path)  # Atomic, and overwrites the config.json of an earlier run.
+  try:
+    tmp.write_text(config_lib.to_json(config) + "\n")
+    tmp.replace(path)  # Atomic, and overwrites the config.json of an earlier run.
+  except OSError as e:  # A full disk or a read-only directory: the old config.json stays.
+    tmp.unlink(missing_ok=True)
+    raise WorkdirError(f"could not write {path} ({type(e).__name__}: {e.strerror or e}): "
+                       "free space in (or pick another) --workdir and run again") from e
   return str(path)
 
 
@@ -223,13 +236,53 @@ def restore_model(path: str | CheckpointLocation,
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                         abstract)
+  require_lm(config, loc.model_dir)
   with ocp.StandardCheckpointer() as checkpointer:
-    saved = checkpointer.metadata(loc.model_dir).item_metadata
+    try:
+      saved = checkpointer.metadata(loc.model_dir).item_metadata
+    except Exception as e:  # pylint: disable=broad-except  (any unreadable metadata)
+      raise corrupt_error(loc, e) from e
+    if not saved:  # Garbage _METADATA parses to nothing: corruption, not a config mismatch.
+      raise corrupt_error(loc, ValueError("its metadata lists no arrays"))
     raise_mismatch(loc.model_dir, shape_problems(MODEL_ITEM, saved, target))
-    state = checkpointer.restore(loc.model_dir, target)
+    try:
+      state = checkpointer.restore(loc.model_dir, target)
+    except Exception as e:  # pylint: disable=broad-except  (truncated or missing array files)
+      raise corrupt_error(loc, e) from e
   logging.info("Restored the model of %s%s.", loc.model_dir,
                "" if loc.step is None else f" (step {loc.step})")
   return config, nnx.merge(graphdef, state)
+
+
+def require_lm(config: ml_collections.ConfigDict, where) -> None:
+  """Raises ConfigError unless config is a unified-decoder ("lm") run's."""
+  family = config.get("trainer", "lm")
+  if family != "lm":
+    raise config_lib.ConfigError(
+        f"checkpoint {where} is a config.trainer={family!r} run: this mode reads unified-"
+        "decoder (config.trainer='lm') checkpoints only; evaluate an M2CP run with its own "
+        "trainer (python -m ernie5_jax.main --config=experiments/m2cp_shapes.py ...)")
+
+
+def _error_line(error: BaseException) -> str:
+  """The first line of an exception's message, with its type (orbax errors run long)."""
+  text = str(error).strip().splitlines()
+  first = text[0].split(" See full TensorStore details")[0] if text else ""
+  return f"{type(error).__name__}: {first[:200]}"
+
+
+def corrupt_error(loc: CheckpointLocation, error: BaseException) -> CheckpointCorruptError:
+  """CheckpointCorruptError for loc naming the cause and the newest older step to use instead."""
+  older = []
+  if loc.step is not None:
+    ckpts = loc.model_dir.parent.parent
+    older = [s for s in _steps(ckpts) if s < loc.step]
+  hint = (f"pass --checkpoint={loc.model_dir.parent.parent / str(older[-1])} (step "
+          f"{older[-1]}, the newest older checkpoint), or delete {loc.model_dir.parent}"
+          if older else "it is the only checkpoint there: restore it from a copy or retrain")
+  step = "" if loc.step is None else f"step {loc.step} "
+  return CheckpointCorruptError(f"checkpoint {step}at {loc.model_dir} is corrupt or incomplete "
+                                f"({_error_line(error)}): {hint}")
 
 
 def resolve_config(loc: CheckpointLocation, config: ml_collections.ConfigDict | None,
@@ -256,6 +309,7 @@ def resolve_config(loc: CheckpointLocation, config: ml_collections.ConfigDict | 
         "run's --config (with its overrides)")
   else:
     config = ml_collections.ConfigDict(config.to_dict())  # Unlocked copy.
+  require_lm(config, loc.model_dir)
   input_pipeline.validate(config)
   return config
 

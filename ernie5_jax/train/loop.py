@@ -8,6 +8,7 @@ bad step (train/metrics.py: the check and the summary every trainer shares).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -33,20 +34,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
 
   if t.init_from:  # A wrong path fails now, before the data and the model are built.
     store.locate(t.init_from)
+  # --- mesh (config.mesh; sharding.py): a mesh the devices cannot make fails here -------
+  layout = sharding.make_layout(config)
+  data_sharding = sharding.batch_sharding(layout, config.data.global_batch_size)
+
   # --- logging -------------------------------------------------------------
   store.ensure_writable(workdir)
-  if jax.process_index() == 0:  # Eval/export jobs rebuild the model from it (restore_model).
-    store.save_config(config, workdir)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   logging.info("workdir: %s\nconfig:\n%s", workdir, config)
+  logging.info("mesh: %s", layout.mesh)
 
   # --- input ---------------------------------------------------------------
   data_iter = input_pipeline.create_train_iterator(config)
-
-  # --- mesh (config.mesh; sharding.py) --------------------------------------
-  layout = sharding.make_layout(config)
-  data_sharding = sharding.batch_sharding(layout, config.data.global_batch_size)
-  logging.info("mesh: %s", layout.mesh)
   tokens_per_step = config.data.global_batch_size * config.data.seq_len
 
   # --- model + optimizer ---------------------------------------------------
@@ -65,8 +64,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
     init = lambda: checkpoint.init_from(config, tx, t.init_from, sharding=state_sharding)
   else:
     init = lambda: state_lib.init_train_state(create, tx, sharding=state_sharding)[1]
-  state = checkpoint.restore_or_init(manager, abstract, data_iter, init)
+  run = checkpoint.run_record(config)
+  state = checkpoint.restore_or_init(manager, abstract, data_iter, init, run=run)
   start_step = int(state.step)
+  # Only now, with the state restored or initialised against config: a resume that fails
+  # (another d_model, another data stream) leaves the run's config.json as it was.
+  if jax.process_index() == 0:  # Eval/export jobs rebuild the model from it (restore_model).
+    store.save_config(config, workdir)
   if start_step >= t.num_steps:
     logging.info("Nothing to do: the checkpoint at step %d already reached "
                  "config.train.num_steps=%d.", start_step, t.num_steps)
@@ -117,12 +121,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
         history, interval_start, interval_steps = [], time.perf_counter(), 0
       if is_save:
         with report.timed("checkpoint", wait_jax_async_dispatch=False):
-          checkpoint.save(manager, state, data_iter)
-  finally:
-    manager.wait_until_finished()  # Async saves finish (or fail loudly) before returning.
-    manager.close()
-    writer.flush()
-    writer.close()
+          checkpoint.save(manager, state, data_iter, run=run)
+  except BaseException:
+    # The error in flight is the one to report: a failing close (a full disk also stops the
+    # TensorBoard writer) must not replace it.
+    with contextlib.suppress(Exception):
+      checkpoint.finish_writes(manager)
+    with contextlib.suppress(Exception):
+      writer.close()
+    raise
+  checkpoint.finish_writes(manager)  # Async saves finish (or fail in one line) first.
+  writer.flush()
+  writer.close()
   logging.info("Finished training at step %d; checkpoints in %s.", int(state.step),
                manager.directory)
   return state
