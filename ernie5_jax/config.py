@@ -493,13 +493,6 @@ def _check_elastic(config: ml_collections.ConfigDict) -> None:
       fail(f"elastic.{name}", el[name], "expected a probability in [0, 1]")
   if not isinstance(el.sub_models, int) or el.sub_models < 1:
     fail("elastic.sub_models", el.sub_models, "expected an int >= 1 (sub-models per step)")
-  min_depth = min(2, m.num_layers)
-  for name, low, high, what in (
-      ("depths", min_depth, m.num_layers - 1, "the first and last layers are always kept"),
-      ("expert_counts", m.top_k, m.num_experts - 1, "each >= model.top_k"),
-      ("top_ks", 1, m.top_k - 1, "below model.top_k")):
-    values = tuple(el[name])
-    if (any(not isinstance(v, int) or not low <= v <= high for v in values)
   if el.scheme not in ELASTIC_SCHEMES:
     fail("elastic.scheme", el.scheme, f"expected one of {ELASTIC_SCHEMES}")
   if el.enabled and min(el.full_depth_prob, el.full_experts_prob, el.full_top_k_prob) == 1:
@@ -510,6 +503,13 @@ def _check_elastic(config: ml_collections.ConfigDict) -> None:
     fail("elastic.expert_counts", tuple(el.expert_counts),
          f"expected multiples of mesh.expert={shards} (scheme 'paper' keeps as many experts "
          "on every expert shard)")
+  min_depth = min(2, m.num_layers)
+  for name, low, high, what in (
+      ("depths", min_depth, m.num_layers - 1, "the first and last layers are always kept"),
+      ("expert_counts", m.top_k, m.num_experts - 1, "each >= model.top_k"),
+      ("top_ks", 1, m.top_k - 1, "below model.top_k")):
+    values = tuple(el[name])
+    if (any(not isinstance(v, int) or not low <= v <= high for v in values)
         or len(set(values)) != len(values)):
       fail(f"elastic.{name}", values,
            f"expected distinct ints in {low}..{high} ({what}), or () to derive them")
