@@ -17,6 +17,7 @@ ATTENTION_BACKENDS = ("auto", "xla", "pallas")
 ROUTER_SCORES = ("softmax", "sigmoid")
 ELASTIC_SCHEMES = ("prefix", "paper")
 DTYPES = ("float32", "bfloat16")
+ROLLOUT_DTYPES = DTYPES + ("float8_e4m3fn",)  # float8: per-tensor scaled weights (rl/rollout.py)
 # data.source: also "tfds:NAME[/CONFIG]" or "seqio:NAME" (text only, seqio_tasks.py).
 DATA_SOURCES = ("synthetic", "digits_multimodal", "digits_sft")
 TEXT_SOURCE_PREFIXES = ("tfds:", "seqio:")
@@ -153,6 +154,9 @@ def default_config() -> ml_collections.ConfigDict:
   # keeps its own vocabulary): "" = the committed stdlib tokenizer; an imported checkpoint's
   # tokenizer.model (--mode=import sets it), whose pieces must fit in model.vocab_size.
   d.text_model = ""
+  # With skip_corrupt: the run stops (DataError naming the source) once more than this
+  # fraction of the records read so far, after the first 100, were skipped.
+  d.max_skip_fraction = 0.01
   # Split the training pipeline reads (embedded and tfds:/seqio: sources); the eval job reads
   # eval.split instead.
   d.split = "train"
@@ -302,6 +306,7 @@ def default_config() -> ml_collections.ConfigDict:
   # Rollout router replay: the training forward reuses the expert ids the rollout engine chose.
   rl.router_replay = True
   # The rollout engine's precision (a real inference engine's): the training forward is float32.
+  # "float8_e4m3fn": FP8 weights with a per-tensor scale, as ERNIE 5.0 pairs with MISC.
   rl.rollout_dtype = "bfloat16"
   # MISC (ERNIE 5.0): keep a token only when pi_train / pi_infer lies in [alpha, beta].
   rl.misc = True
@@ -418,6 +423,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f"{config.train.num_steps}")
   if config.optimizer.min_lr_ratio > 1:
     fail("optimizer.min_lr_ratio", config.optimizer.min_lr_ratio, "expected <= 1")
+  if config.data.seq_len < 2:
+    fail("data.seq_len", config.data.seq_len, "expected >= 2 (an input and a target token)")
+  if not 0 <= config.data.max_skip_fraction <= 1:
+    fail("data.max_skip_fraction", config.data.max_skip_fraction, "expected 0 <= fraction <= 1")
   if config.data.source == "synthetic" and config.data.num_modalities > 2:
     fail("data.num_modalities", config.data.num_modalities,
           "the synthetic source makes 1 (text) or 2 (text, image)")
@@ -527,8 +536,8 @@ def _check_rl(config: ml_collections.ConfigDict) -> None:
   if not isinstance(rl.group_size, int) or rl.group_size < 2:
     fail("rl.group_size", rl.group_size, "expected an int >= 2 (advantages are normalised "
          "within a group)")
-  if rl.rollout_dtype not in DTYPES:
-    fail("rl.rollout_dtype", rl.rollout_dtype, f"expected one of {DTYPES}")
+  if rl.rollout_dtype not in ROLLOUT_DTYPES:
+    fail("rl.rollout_dtype", rl.rollout_dtype, f"expected one of {ROLLOUT_DTYPES}")
   for name in ("clip_low", "token_clip_low"):
     if not rl[name] < 1:
       fail(f"rl.{name}", rl[name], "expected < 1 (the ratio's lower bound is 1 - it)")

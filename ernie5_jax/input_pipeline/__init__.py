@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ernie5_jax import config as config_lib
+from ernie5_jax.input_pipeline import records
 from ernie5_jax.input_pipeline import synthetic
 
 # Modality ids in batch["modality"], in order; metrics use these names.
@@ -46,8 +47,12 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
 
 
 def create_dataset(config: ml_collections.ConfigDict, *, process_index: int | None = None,
-                   process_count: int | None = None) -> grain.MapDataset | grain.IterDataset:
-  """Returns this process's dataset of batches for config.data.source (building files once)."""
+                   process_count: int | None = None, skips: records.SkipCounter | None = None
+                   ) -> grain.MapDataset | grain.IterDataset:
+  """Returns this process's dataset of batches for config.data.source (building files once).
+
+  skips: where the file-backed sources count records they skip (data.skip_corrupt).
+  """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   d = config.data
@@ -56,7 +61,8 @@ def create_dataset(config: ml_collections.ConfigDict, *, process_index: int | No
   if d.source == "digits_multimodal":
     from ernie5_jax.input_pipeline import multimodal  # pylint: disable=g-import-not-at-top
     return multimodal.make_multimodal_pipeline(d, seq_len=d.seq_len, batch_size=local,
-                                               seed=d.shuffle_seed, **shard).dataset
+                                               seed=d.shuffle_seed, skips=skips,
+                                               **shard).dataset
   if d.source == "digits_sft":
     from ernie5_jax.input_pipeline import sft  # pylint: disable=g-import-not-at-top
     return sft.sft_dataset(config, split=d.get("split", "train"), batch_size=local,
@@ -67,7 +73,8 @@ def create_dataset(config: ml_collections.ConfigDict, *, process_index: int | No
     return seqio_tasks.make_text_pipeline(
         d.source, seq_len=d.seq_len, batch_size=local, seed=d.shuffle_seed,
         data_dir=d.data_dir or multimodal.default_data_dir(), split=d.get("split", "train"),
-        text_model=multimodal.MultimodalConfig.from_config(d).text_model, **shard)
+        text_model=multimodal.MultimodalConfig.from_config(d).text_model,
+        skip_corrupt=d.skip_corrupt, skips=skips, **shard)
   if d.source != "synthetic":
     raise ValueError(f"config.data.source={d.source!r} is not accepted: expected 'synthetic', "
                      "'digits_multimodal', 'digits_sft', 'tfds:NAME' or 'seqio:NAME'")

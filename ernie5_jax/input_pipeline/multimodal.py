@@ -17,9 +17,9 @@ Stages (all grain, checkpointable):
 4. Pack: grain FirstFitPackIterDataset into rows of seq_len (sequence.pack_documents).
 5. Batch: [batch_size, seq_len] (+ trailing dims), drop_remainder.
 
-Corrupt records: reading one raises DataError naming the split's shard file and
-the index inside it; with skip_corrupt=True it is skipped and counted
-(`MultimodalPipeline.stats["skipped_records"]`).
+Corrupt records (records.py): reading one raises DataError naming the split's shard file
+and the index inside it; with skip_corrupt=True it is skipped and counted per source and per
+task it would have made (`MultimodalPipeline.skips`), up to data.max_skip_fraction.
 """
 
 from __future__ import annotations
@@ -34,14 +34,14 @@ import jax
 import numpy as np
 
 from ernie5_jax import config as config_lib
+from ernie5_jax.input_pipeline import records
 from ernie5_jax.input_pipeline import sequence as seq_lib
 from ernie5_jax.input_pipeline import tokenizers as tok_lib
 
 _CHUNK = 256  # Records encoded together.
 
 
-class DataError(ValueError):
-  """A record could not be read or decoded."""
+DataError = records.DataError  # Where the pipelines' callers have always found it.
 
 
 @dataclasses.dataclass
@@ -61,6 +61,7 @@ class MultimodalConfig:
   video_scales: tuple[int, ...]
   video_frames: int
   skip_corrupt: bool
+  max_skip_fraction: float
   text_dataset: str = "stdlib_text"  # Embedded text corpus mixed in as plain-text documents.
   num_epochs: int = 0  # 0 = repeat forever.
   num_packing_bins: int = 0  # 0 -> 2 * batch_size.
@@ -108,18 +109,6 @@ def default_data_dir() -> str:
   return os.environ.get("ERNIE5_DATA_DIR") or os.path.expanduser("~/.cache/ernie5_jax/data")
 
 
-def _shard_locator(builder, split: str):
-  """Maps a split-level record index to (shard file name, index in shard)."""
-  info = builder.info.splits[split]
-  lengths = np.cumsum([0] + list(info.shard_lengths))
-  names = [os.path.basename(str(f)) for f in info.filenames]
-
-  def locate(index: int) -> tuple[str, int]:
-    shard = int(np.searchsorted(lengths, index, side="right") - 1)
-    return names[shard], int(index - lengths[shard])
-  return locate
-
-
 class EncodedRecord:
   """One record's codes and texts (`fields`) and its memoised documents (`docs`).
 
@@ -136,12 +125,14 @@ class EncodedDigitsSource:
   """Random-access source of this shard's digits records with their codes (memoised)."""
 
   def __init__(self, source, indices: np.ndarray, tokenizers: tok_lib.Tokenizers,
-               cfg: MultimodalConfig, *, locate=None, split: str = "train"):
-    self._source, self._indices, self._tok, self._cfg = source, indices, tokenizers, cfg
-    self._locate, self._split = locate, split
+               cfg: MultimodalConfig, *, locate=None, split: str = "train",
+               skips: records.SkipCounter | None = None):
+    self.skips = skips or records.SkipCounter(cfg.max_skip_fraction)
+    self._source = records.GuardedSource(source, f"{cfg.dataset}:{split}", self.skips,
+                                         skip=cfg.skip_corrupt, locate=locate)
+    self._indices, self._tok, self._cfg = indices, tokenizers, cfg
     self._chunks: dict[int, list] = {}
     self._lock = threading.Lock()
-    self.stats = {"skipped_records": 0}
     scales = tokenizers.image.spec.scales
     for field in ("image_scales", "video_scales"):
       want = tuple(getattr(cfg, field))
@@ -159,26 +150,12 @@ class EncodedDigitsSource:
         self._chunks[chunk] = self._encode_chunk(chunk)
       return self._chunks[chunk][int(i) % _CHUNK]
 
-  def _read(self, index: int):
-    try:
-      return self._source[int(index)]
-    except Exception as e:  # Any decode/read failure of the record.
-      where = f"record {index} of split {self._split!r}"
-      if self._locate is not None:
-        shard, j = self._locate(int(index))
-        where = f"shard {shard} record {j} ({where})"
-      if self._cfg.skip_corrupt:
-        self.stats["skipped_records"] += 1
-        return None
-      raise DataError(f"corrupt or truncated {where}: {type(e).__name__}: {e} "
-                      "(set data.skip_corrupt=True to skip and count such records)") from e
-
   def _encode_chunk(self, chunk: int) -> list:
     idx = self._indices[chunk * _CHUNK:(chunk + 1) * _CHUNK]
-    records = [self._read(j) for j in idx]
-    ok = [r for r in records if r is not None]
+    raw = [self._source[j] for j in idx]  # None: unreadable, skipped (skip_corrupt).
+    ok = [r for r in raw if r is not None]
     if not ok:
-      return [None] * len(records)
+      return [None] * len(raw)
     cfg, tok = self._cfg, self._tok
     n_img, n_vid = len(cfg.image_scales), len(cfg.video_scales)
     images = np.stack([r["image"] for r in ok]).astype(np.float32) / 255.0  # [n, H, W]
@@ -193,7 +170,7 @@ class EncodedDigitsSource:
     audio_codes = tok.audio.encode(audio)  # [n, T, K]
     enc = tok.text.encode
     out, k = [], 0
-    for r in records:
+    for r in raw:
       if r is None:
         out.append(None)
         continue
@@ -227,7 +204,7 @@ class MultimodalPipeline:
   dataset: Any  # grain.IterDataset of batch dicts.
   layout: seq_lib.VocabularyLayout
   tokenizers: tok_lib.Tokenizers
-  stats: dict  # skipped_records (live counter).
+  skips: records.SkipCounter  # Records read and skipped, per source (live counts).
 
   def iterator(self):
     """A fresh checkpointable iterator (get_state / set_state)."""
@@ -236,8 +213,12 @@ class MultimodalPipeline:
 
 def make_multimodal_pipeline(data_cfg=None, *, seq_len: int, batch_size: int, seed: int,
                              process_index: int | None = None, process_count: int | None = None,
-                             data_dir: str | None = None) -> MultimodalPipeline:
-  """Builds (on first use) the data and tokenizers and returns the batch pipeline."""
+                             data_dir: str | None = None,
+                             skips: records.SkipCounter | None = None) -> MultimodalPipeline:
+  """Builds (on first use) the data and tokenizers and returns the batch pipeline.
+
+  skips: where unreadable records are counted (default: a new counter, `.skips`).
+  """
   import data as data_lib
   cfg = MultimodalConfig.from_config(data_cfg)
   tasks = cfg.task_weights()
@@ -253,23 +234,24 @@ def make_multimodal_pipeline(data_cfg=None, *, seq_len: int, batch_size: int, se
   layout = seq_lib.VocabularyLayout.from_tokenizers(tokenizers)
   streams, weights = [], []
   mm_tasks = {k: v for k, v in tasks.items() if k != "text"}
-  stats = {"skipped_records": 0}
+  skips = skips or records.SkipCounter(cfg.max_skip_fraction)
   if mm_tasks:
     b = data_lib.ensure_built(cfg.dataset, data_dir)
     raw = b.as_data_source(cfg.split)
     shard = np.arange(len(raw))[process_index::process_count]
-    src = EncodedDigitsSource(raw, shard, tokenizers, cfg, locate=_shard_locator(b, cfg.split),
-                              split=cfg.split)
-    stats = src.stats
+    src = EncodedDigitsSource(raw, shard, tokenizers, cfg,
+                              locate=records.shard_locator(b, cfg.split), split=cfg.split,
+                              skips=skips)
     names = list(mm_tasks)
     cum = np.cumsum([mm_tasks[k] for k in names]) / sum(mm_tasks.values())
 
     def to_docs(rec, rng):
-      if rec is None:
-        return []
       u = rng.random(2)
       task, variant = names[min(int(np.searchsorted(cum, u[0], side="right")), len(names) - 1)], \
           int(u[1] < 0.5)
+      if rec is None:  # Skipped: count the task (and so the modalities) it would have made.
+        skips.count_lost(f"{cfg.dataset}:{cfg.split}", task)
+        return []
       # A document is a pure function of (record, task, variant): memoise it.
       if (task, variant) not in rec.docs:
         rec.docs[task, variant] = seq_lib.truncate(
@@ -282,10 +264,16 @@ def make_multimodal_pipeline(data_cfg=None, *, seq_len: int, batch_size: int, se
     weights.append(sum(mm_tasks.values()))
   if "text" in tasks:
     tb = data_lib.ensure_built(cfg.text_dataset, data_dir)
-    text_src = grain.MapDataset.source(tb.as_data_source(cfg.split))[process_index::process_count]
+    guarded = records.GuardedSource(tb.as_data_source(cfg.split),
+                                    f"{cfg.text_dataset}:{cfg.split}", skips,
+                                    skip=cfg.skip_corrupt,
+                                    locate=records.shard_locator(tb, cfg.split))
+    text_src = grain.MapDataset.source(guarded)[process_index::process_count]
     enc, memo = tokenizers.text.encode, {}
 
     def text_docs(r):
+      if r is None:  # Unreadable, skipped (counted by the guarded source).
+        return []
       key = r["text"]  # Documents are a pure function of the text: memoise them.
       if key not in memo:
         memo[key] = seq_lib.text_documents(enc(key), layout, seq_len)
@@ -302,7 +290,7 @@ def make_multimodal_pipeline(data_cfg=None, *, seq_len: int, batch_size: int, se
                                 num_packing_bins=cfg.num_packing_bins or 2 * batch_size,
                                 seed=seed)
   batches = rows.batch(batch_size, drop_remainder=True)
-  return MultimodalPipeline(batches, layout, tokenizers, stats)
+  return MultimodalPipeline(batches, layout, tokenizers, skips)
 
 
 def make_multimodal_iterator(data_cfg=None, *, seq_len: int, batch_size: int, seed: int,

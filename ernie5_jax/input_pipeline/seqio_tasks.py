@@ -26,6 +26,7 @@ import grain
 import jax
 import numpy as np
 
+from ernie5_jax.input_pipeline import records
 from ernie5_jax.input_pipeline import sequence as seq_lib
 from ernie5_jax.input_pipeline.tokenizers import text as text_lib
 
@@ -109,8 +110,13 @@ class _ReplayDataset(grain.IterDataset):
 def make_text_pipeline(source: str, *, seq_len: int, batch_size: int, seed: int, data_dir: str,
                        split: str = "train", text_feature: str = "text",
                        text_model: str = text_lib.DEFAULT_MODEL,
-                       process_index: int | None = None, process_count: int | None = None):
-  """grain IterDataset of packed text batches from "tfds:NAME" or "seqio:NAME" (module doc)."""
+                       process_index: int | None = None, process_count: int | None = None,
+                       skip_corrupt: bool = False, skips: records.SkipCounter | None = None):
+  """grain IterDataset of packed text batches from "tfds:NAME" or "seqio:NAME" (module doc).
+
+  tfds: records that cannot be read raise DataError naming them, or with skip_corrupt are
+  skipped and counted in skips (records.py).
+  """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   tok = text_lib.text_tokenizer(text_model)
@@ -118,10 +124,13 @@ def make_text_pipeline(source: str, *, seq_len: int, batch_size: int, seed: int,
                                     eos_id=tok.eos_id)
   kind, _, name = source.partition(":")
   if kind == "tfds" and name:
-    src = _tfds_source(name, split, data_dir)
+    src = records.GuardedSource(_tfds_source(name, split, data_dir), f"tfds:{name}:{split}",
+                                skips, skip=skip_corrupt)
     ds = grain.MapDataset.source(src)[process_index::process_count].shuffle(seed=seed).repeat()
 
     def to_docs(rec):
+      if rec is None:  # Unreadable, skipped and counted.
+        return []
       if text_feature not in rec:
         raise ValueError(f"text_feature={text_feature!r} is not accepted for {source}: the "
                          f"features are {sorted(rec)}")

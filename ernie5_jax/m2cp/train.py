@@ -193,8 +193,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   manager = checkpoint.create_manager(workdir, keep=t.keep_checkpoints,
                                       async_save=t.async_checkpoints)
   state = checkpoint.restore_or_init(manager, abstract, data_iter,
-                                     lambda: state_lib.init_train_state(create, tx)[1])
+                                     lambda: state_lib.init_train_state(create, tx)[1],
+                                     run=checkpoint.run_record(config))
   start_step = int(state.step)
+  if jax.process_index() == 0:  # Once the state fits config: jobs read the run's family.
+    store.save_config(config, workdir)
   if start_step >= t.num_steps:
     logging.info("Nothing to do: the checkpoint at step %d already reached "
                  "config.train.num_steps=%d.", start_step, t.num_steps)
@@ -241,7 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           _write_eval(workdir, step, result)
       if is_save:
         with report.timed("checkpoint", wait_jax_async_dispatch=False):
-          checkpoint.save(manager, state, data_iter)
+          checkpoint.save(manager, state, data_iter, run=checkpoint.run_record(config))
   finally:
     manager.wait_until_finished()
     manager.close()

@@ -20,6 +20,7 @@ from clu import metric_writers, periodic_actions
 from ernie5_jax import input_pipeline
 from ernie5_jax import sharding
 from ernie5_jax import store
+from ernie5_jax.input_pipeline import records
 from ernie5_jax.model import create_model
 from ernie5_jax.train import checkpoint, optimizer
 from ernie5_jax.train import metrics as metrics_lib
@@ -45,7 +46,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
   logging.info("mesh: %s", layout.mesh)
 
   # --- input ---------------------------------------------------------------
-  data_iter = input_pipeline.create_train_iterator(config)
+  skips = records.SkipCounter(config.data.max_skip_fraction)  # data.skip_corrupt's count.
+  data_iter = input_pipeline.create_train_iterator(config, skips=skips)
   tokens_per_step = config.data.global_batch_size * config.data.seq_len
 
   # --- model + optimizer ---------------------------------------------------
@@ -117,6 +119,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
         elapsed = time.perf_counter() - interval_start
         summary = metrics_lib.summarize(history)
         summary["perf/tokens_per_sec"] = interval_steps * tokens_per_step / elapsed
+        skipped = skips.interval()
+        if skipped:  # Never silent: a skipped shard can remove a modality from training.
+          logging.warning("Skipped unreadable records up to step %d (data.skip_corrupt): %s",
+                          step, skipped)
+          summary.update(skipped)
         writer.write_scalars(step, summary)
         history, interval_start, interval_steps = [], time.perf_counter(), 0
       if is_save:

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from ernie5_jax.input_pipeline import records
 from ernie5_jax.input_pipeline import multimodal as M
 from ernie5_jax.input_pipeline import sequence as S
 
@@ -117,13 +118,13 @@ def test_corrupt_record_error_and_skip(pipeline, cfg):
   src = _Flaky(b.as_data_source("train"))
   conf = M.MultimodalConfig.from_config(cfg)
   enc = M.EncodedDigitsSource(src, np.arange(len(src)), pipeline.tokenizers, conf,
-                              locate=M._shard_locator(b, "train"))
+                              locate=records.shard_locator(b, "train"))
   with pytest.raises(M.DataError, match=r"shard digits_multimodal-train\.array_record-00000-of-"
                                         r"00001 record 3"):
     enc[0]
   conf.skip_corrupt = True
   enc = M.EncodedDigitsSource(src, np.arange(len(src)), pipeline.tokenizers, conf)
-  assert enc[3] is None and enc.stats["skipped_records"] == 1
+  assert enc[3] is None and enc.skips.skipped == {f"{conf.dataset}:train": 1}
   assert enc[4].fields["image_codes"][0].shape == (1, 1)
 
 
