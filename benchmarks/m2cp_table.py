@@ -4,6 +4,8 @@
   python benchmarks/m2cp_table.py --jobs=2              # the same, two runs at a time
   python benchmarks/m2cp_table.py --fractions=0.02 --seeds=0   # a subset
   python benchmarks/m2cp_table.py --collect_only        # table of the runs already done
+  python benchmarks/m2cp_table.py --fractions=0.02 --methods=m2cp,supervised,m2cp_paper,\
+      m2cp_drop_pseudo_ce,m2cp_drop_alignment,m2cp_drop_balance   # + published / ablations
 
 Each run is `python -m ernie5_jax.main --config=experiments/m2cp_shapes[_supervised].py:
 frac=F,seed=S` in <workroot>/<method>_f<F>_s<S>; a finished run (final eval at the
@@ -34,12 +36,19 @@ from absl import app, flags
 from ernie5_jax.m2cp import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# method -> experiment config (and its fixed args): this project's recipe, supervised-only,
+# M2CP as published (experiments/m2cp_paper.py) and the recipe with one addition dropped.
 EXPERIMENTS = {"m2cp": "experiments/m2cp_shapes.py",
-               "supervised": "experiments/m2cp_shapes_supervised.py"}
+               "supervised": "experiments/m2cp_shapes_supervised.py",
+               "m2cp_paper": "experiments/m2cp_paper.py",
+               "m2cp_drop_pseudo_ce": "experiments/m2cp_shapes.py:drop=pseudo_ce",
+               "m2cp_drop_alignment": "experiments/m2cp_shapes.py:drop=alignment",
+               "m2cp_drop_balance": "experiments/m2cp_shapes.py:drop=balance"}
+DEFAULT_METHODS = ["m2cp", "supervised"]  # The default grid; the others by --methods.
 
 flags.DEFINE_list("fractions", ["0.02", "0.05", "0.1"], "Label fractions.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (init, batches and labelled split).")
-flags.DEFINE_list("methods", list(EXPERIMENTS), "Subset of m2cp, supervised.")
+flags.DEFINE_list("methods", DEFAULT_METHODS, f"Methods, of {list(EXPERIMENTS)}.")
 flags.DEFINE_integer("steps", 0, "Override train.num_steps (0: the experiment's default).")
 flags.DEFINE_string("workroot", "/tmp/m2cp_table", "Parent of the runs' workdirs.")
 flags.DEFINE_string("out", os.path.join(REPO, "benchmarks/results/m2cp_table"),
@@ -80,8 +89,10 @@ def _has_checkpoint(workdir: str) -> bool:
 def _run(method: str, frac: str, seed: str) -> None:
   """Runs (or resumes, or skips if finished) one run; records its wall time if it was new."""
   workdir = _workdir(method, frac, seed)
-  arg = f"frac={frac},seed={seed}" + (f",steps={FLAGS.steps}" if FLAGS.steps else "")
-  cmd = [sys.executable, "-m", "ernie5_jax.main", f"--config={EXPERIMENTS[method]}:{arg}",
+  path, _, fixed = EXPERIMENTS[method].partition(":")
+  arg = ",".join(a for a in (fixed, f"frac={frac},seed={seed}",
+                             f"steps={FLAGS.steps}" if FLAGS.steps else "") if a)
+  cmd = [sys.executable, "-m", "ernie5_jax.main", f"--config={path}:{arg}",
          f"--workdir={workdir}"]
   final = _final(workdir)
   if final is not None and final["step"] >= (FLAGS.steps or DEFAULT_STEPS):

@@ -19,6 +19,8 @@ _fail = lm_config.fail
 DATASETS = ("shapes3d", "shapes3d/tiny", "modelnet40")
 NUM_CLASSES = {"shapes3d": 12, "shapes3d/tiny": 12, "modelnet40": 40}
 PSEUDO_LABEL_SOURCES = ("fused", "ensemble")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("warmup_cosine", "constant")
 STORED_POINTS = 1024  # Points per object in both builders (train subsamples data.num_points).
 
 
@@ -99,7 +101,14 @@ def default_config() -> ml_collections.ConfigDict:
 
   # --- optimizer ----------------------------------------------------------------
   o = c.optimizer = ml_collections.ConfigDict()
-  o.learning_rate = 1e-3  # AdamW peak, after linear warmup; cosine decay to 0 at num_steps.
+  # "adamw" (decoupled weight decay) or "sgd" (momentum, weight decay added to the
+  # gradient as torch.optim.SGD does: the authors' released code, experiments/m2cp_paper.py).
+  o.name = "adamw"
+  o.momentum = 0.9  # SGD only.
+  # "warmup_cosine": linear warmup to learning_rate, cosine decay to 0 at num_steps;
+  # "constant": learning_rate throughout.
+  o.schedule = "warmup_cosine"
+  o.learning_rate = 1e-3  # Peak (warmup_cosine) or the constant rate.
   o.warmup_steps = 30
   o.weight_decay = 1e-4
   o.grad_clip = 5.0  # Global-norm clip; 0 disables.
@@ -165,6 +174,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if (not isinstance(scale, (tuple, list)) or len(scale) != 2
       or not 0 < scale[0] <= scale[1]):
     _fail("data.strong_scale", scale, "expected (low, high) with 0 < low <= high")
+  o = config.optimizer
+  if o.name not in OPTIMIZERS:
+    _fail("optimizer.name", o.name, f"expected one of {OPTIMIZERS}")
+  if o.schedule not in SCHEDULES:
+    _fail("optimizer.schedule", o.schedule, f"expected one of {SCHEDULES}")
+  if not 0 <= o.momentum < 1:
+    _fail("optimizer.momentum", o.momentum, "expected a value in [0, 1)")
   if lo.pseudo_label_source not in PSEUDO_LABEL_SOURCES:
     _fail("loss.pseudo_label_source", lo.pseudo_label_source,
           f"expected one of {PSEUDO_LABEL_SOURCES}")

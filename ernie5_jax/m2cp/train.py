@@ -38,12 +38,21 @@ EVAL_FILE = "eval_metrics.json"  # <workdir>/eval_metrics.json: {step: metrics} 
 
 
 def create_optimizer(config: ml_collections.ConfigDict):
-  """AdamW with linear warmup and cosine decay, after an optional global-norm clip."""
+  """config.optimizer's AdamW or SGD (momentum, L2 weight decay) on its schedule, after an
+  optional global-norm clip; returns (tx, schedule)."""
   o = config.optimizer
-  schedule = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, o.warmup_steps,
-                                                max(config.train.num_steps, o.warmup_steps + 1))
+  if o.schedule == "constant":
+    schedule = optax.constant_schedule(o.learning_rate)
+  else:
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, o.learning_rate, o.warmup_steps, max(config.train.num_steps, o.warmup_steps + 1))
   parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip else []
-  return optax.chain(*parts, optax.adamw(schedule, weight_decay=o.weight_decay)), schedule
+  if o.name == "sgd":  # torch.optim.SGD: decay added to the gradient, then momentum.
+    parts += [optax.add_decayed_weights(o.weight_decay),
+              optax.sgd(schedule, momentum=o.momentum or None)]
+  else:
+    parts.append(optax.adamw(schedule, weight_decay=o.weight_decay))
+  return optax.chain(*parts), schedule
 
 
 def make_train_step(config, graphdef, tx, schedule, *, with_unlabelled: bool,
