@@ -252,3 +252,21 @@ def test_import_takes_the_tokenizer_and_a_calibration_text(imported, tmp_path):
   assert [sorted(row) for row in order] == [list(range(8))] * 2
   with pytest.raises(ernie45.HFCheckpointError, match=r"needs the checkpoint's tokenizer.model"):
     ernie45.import_checkpoint(str(DENSE), str(tmp_path / "x"), calibration_text=str(calib))
+
+
+def test_bf16_checkpoints_stay_bf16_with_a_float32_router(tmp_path):
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  src = tmp_path / "bf16"
+  shutil.copytree(MOE, src)
+  keep32 = ("mlp.gate.weight", "e_score_correction_bias")  # As transformers stores them.
+  _edit_tensors(src, lambda t: t.update({k: v.astype(ml_dtypes.bfloat16) for k, v in t.items()
+                                         if not k.endswith(keep32)}))
+  out = ernie45.import_checkpoint(str(src), str(tmp_path / "in"))
+  config, model = store.restore_model(out)
+  assert (config.model.param_dtype, config.model.router_param_dtype) == ("bfloat16", "float32")
+  flat = dict(nnx.to_flat_state(nnx.state(model)))
+  assert flat[("embed", "table")].get_value().dtype == jnp.bfloat16
+  assert flat[("moe_layers", "layers", "ffn", "router", "kernel")].get_value().dtype == jnp.float32
+  exported = load_file(f"{ernie45.export_checkpoint(out, str(tmp_path / 'hf'))}/model.safetensors")
+  for key, value in load_file(src / "model.safetensors").items():
+    assert exported[key].dtype == value.dtype and np.array_equal(exported[key], value), key
