@@ -179,3 +179,76 @@ def test_non_finite_loss_is_one_line_for_every_trainer(mode, config, module, run
   assert info.value.code == main.USAGE_ERROR == 2
   assert capsys.readouterr().err.strip().splitlines()[-1] == (
       f"error: NonFiniteLossError: {message}")
+
+
+def _main_with(monkeypatch, error, *, workdir, config="experiments/tiny.py"):
+  """Runs main.main with the LM trainer replaced by one that raises `error`; SystemExit info."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from ernie5_jax import main  # pylint: disable=g-import-not-at-top
+
+  def fails(config, workdir):
+    raise error
+  monkeypatch.setattr(importlib.import_module("ernie5_jax.train.loop"), "train_and_evaluate",
+                      fails)
+  monkeypatch.setattr(tf.config, "set_visible_devices", lambda *args, **kwargs: None)
+  monkeypatch.setattr(main.os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
+  main.parse_flags(["main", f"--config={os.path.join(REPO, config)}", f"--workdir={workdir}"])
+  try:
+    with pytest.raises(SystemExit) as info:
+      main.main(["main"])
+  finally:
+    main.FLAGS.unparse_flags()
+  return info.value.code
+
+
+def _user_error_cases():
+  import errno  # pylint: disable=g-import-not-at-top
+  from ernie5_jax import config as config_lib, store  # pylint: disable=g-import-not-at-top
+  from ernie5_jax.input_pipeline import records  # pylint: disable=g-import-not-at-top
+  from ernie5_jax.train import workdir  # pylint: disable=g-import-not-at-top
+  full = OSError(errno.ENOSPC, "No space left on device")
+  return [
+      (config_lib.ConfigError("config.mesh.data=2 is not accepted: 1 device"),
+       "error: ConfigError: config.mesh.data=2 is not accepted: 1 device"),
+      (records.DataError("corrupt or truncated shard x record 3"),
+       "error: DataError: corrupt or truncated shard x record 3"),
+      (store.CheckpointCorruptError("no checkpoint in /w/checkpoints can be read"),
+       "error: CheckpointCorruptError: no checkpoint in /w/checkpoints can be read"),
+      (workdir.WorkdirBusyError("--workdir='/w' is in use by another run"),
+       "error: WorkdirBusyError: --workdir='/w' is in use by another run"),
+      (RuntimeError("a bug"), None),
+      (full, "error: no space left on device while writing {workdir} (OSError): the newest "
+             "complete checkpoint there is where a restart resumes; free space and run again"),
+  ]
+
+
+def test_user_errors_raised_inside_a_trainer_end_in_one_line_with_status_2(capsys, monkeypatch,
+                                                                          tmp_path):
+  for error, line in _user_error_cases():
+    if line is None:  # A bug, not bad input: its traceback is the report.
+      with pytest.raises(RuntimeError):
+        _main_with(monkeypatch, error, workdir=tmp_path)
+      continue
+    assert _main_with(monkeypatch, error, workdir=tmp_path) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == line.format(workdir=tmp_path)
+
+
+@pytest.mark.parametrize("text, line", [
+    (None, "error: --config={path}: no such file '{path}' (relative to {cwd}): expected an "
+           "experiment file, e.g. experiments/tiny.py"),
+    ("def get_config(:\n", "error: --config={path}: {path}, line 1: SyntaxError: invalid syntax"),
+    ("import ml_collections\n\ndef get_config():\n  return 1 / 0\n",
+     "error: --config={path}: {path}, line 4: ZeroDivisionError: division by zero"),
+])
+def test_a_bad_config_file_is_one_line_naming_the_file_and_line(text, line, tmp_path, capsys):
+  from ernie5_jax import main  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "exp.py"
+  if text is not None:
+    path.write_text(text)
+  try:
+    with pytest.raises(SystemExit) as info:
+      main.parse_flags(["main", f"--config={path}", f"--workdir={tmp_path}"])
+  finally:
+    main.FLAGS.unparse_flags()
+  assert info.value.code == 2
+  assert capsys.readouterr().err.strip() == line.format(path=path, cwd=os.getcwd())

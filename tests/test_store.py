@@ -35,3 +35,17 @@ def jax_leaves(state):
   """The arrays of an nnx.State, in a fixed order."""
   import jax  # pylint: disable=g-import-not-at-top
   return [np.asarray(x) for x in jax.tree.leaves(state)]
+
+
+def test_lm_only_jobs_refuse_another_family_by_name(tmp_path):
+  # An M2CP workdir (config.trainer='m2cp') given to eval / export / generate.
+  from ernie5_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  import pytest  # pylint: disable=g-import-not-at-top
+  config = make_tiny_config()
+  store.save_model(str(tmp_path / "run"), config, nnx.state(create_model(config)))
+  stored = store.load_config(str(tmp_path / "run"))
+  stored.trainer = "m2cp"
+  store.save_config(stored, str(tmp_path / "run"))
+  with pytest.raises(config_lib.ConfigError, match=r"is a config.trainer='m2cp' run: this mode "
+                     r"reads unified-decoder \(config.trainer='lm'\) checkpoints only"):
+    store.resolve_config(store.locate(str(tmp_path / "run")), None, ())
