@@ -228,7 +228,7 @@ def test_expert_reorder_by_load_is_exact_and_puts_the_busiest_first(imported):
   assert np.all(np.diff(count(new_ids), axis=-1) <= 0)  # Busiest first: prefixes keep them.
 
 
-def test_import_takes_the_tokenizer_and_a_calibration_text(imported, tmp_path):
+def test_import_takes_the_tokenizer_and_a_calibration_text(imported, tmp_path, monkeypatch):
   from ernie5_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from ernie5_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
   directory, config, _, _, _ = imported["moe"]
@@ -244,6 +244,13 @@ def test_import_takes_the_tokenizer_and_a_calibration_text(imported, tmp_path):
   text.data.text_model = str(tmp_path / "none.model")
   with pytest.raises(ConfigError, match=r"config.data.text_model=.* expected a SentencePiece"):
     input_pipeline.validate(text)
+  seen = {}
+  from ernie5_jax.input_pipeline import seqio_tasks  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(seqio_tasks, "make_text_pipeline", lambda source, **kw: seen.update(kw))
+  text.model.vocab_size = 256
+  text.data.text_model = config.data.text_model
+  input_pipeline.create_dataset(text, process_index=0, process_count=1)
+  assert seen["text_model"] == config.data.text_model  # The text source's tokenizer.
   calib = tmp_path / "calib.txt"
   calib.write_text("the router scores every hidden state\nexperts are chosen by a router\n")
   out = ernie45.import_checkpoint(str(MOE), str(tmp_path / "calibrated"),
