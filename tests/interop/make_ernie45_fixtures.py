@@ -4,10 +4,10 @@ Runs in a side environment with torch (CI never installs it), outside the reposi
 
   python3 -m venv /tmp/side-venv
   /tmp/side-venv/bin/pip install torch transformers safetensors sentencepiece numpy
-  /tmp/side-venv/bin/python tests/interop/make_ernie45_fixtures.py make
+  /tmp/side-venv/bin/python tests/interop/make_ernie45_fixtures.py make [OUT_DIR]
   /tmp/side-venv/bin/python tests/interop/make_ernie45_fixtures.py check EXPORT_DIR REF.npz
 
-`make` writes, under tests/interop/testdata/:
+`make` writes, under tests/interop/testdata/ (or OUT_DIR):
   ernie45_moe_tiny/    Ernie4_5_MoeForCausalLM (hidden 64, 3 layers: the first dense, then
                        MoE with 8 experts, top-2, 1 shared expert; vocab 256; tied
                        embeddings; a random e_score_correction_bias), save_pretrained as
@@ -18,7 +18,10 @@ Runs in a side environment with torch (CI never installs it), outside the reposi
                        attention), and the MoE model's chosen expert ids per MoE layer
                        [moe_layers, tokens, top_k] ("moe_expert_ids").
 Weights are drawn from torch.manual_seed(0) with initializer_range 0.2, so that routing is
-decided by the router and the bias, not by ties; rerunning `make` gives the same files.
+decided by the router and the bias, not by ties. Rerunning `make` (checked with
+transformers 5.25.0, torch 2.13.0+cpu, sentencepiece 0.2.3) gives byte-identical weights,
+configs and reference logits; tokenizer.model has the same pieces and scores and differs only
+in the training-input path its trainer spec records when OUT_DIR differs.
 
 `check EXPORT_DIR REF.npz` loads a directory written by `--mode=export --format=hf` with
 transformers' AutoModelForCausalLM and compares its logits on REF.npz's "tokens" with
@@ -64,8 +67,8 @@ def _logits(model, tokens):
     return model(input_ids=torch.as_tensor(tokens)).logits.float().numpy()
 
 
-def make() -> None:
-  """Writes the fixtures and the reference logits (module docstring)."""
+def make(out: pathlib.Path = OUT) -> None:
+  """Writes the fixtures and the reference logits (module docstring) under `out`."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
@@ -92,7 +95,7 @@ def make() -> None:
   moe_logits = _logits(moe, tokens)
   for h in hooks:
     h.remove()
-  moe_dir = OUT / "ernie45_moe_tiny"
+  moe_dir = out / "ernie45_moe_tiny"
   moe.save_pretrained(moe_dir, safe_serialization=True)
   _tokenizer(moe_dir / "tokenizer.model")
 
@@ -103,13 +106,13 @@ def make() -> None:
   dense = transformers.Ernie4_5ForCausalLM(dense_cfg).eval()
   dense.config._attn_implementation = "eager"  # pylint: disable=protected-access
   dense_logits = _logits(dense, tokens)
-  dense.save_pretrained(OUT / "ernie45_dense_tiny", safe_serialization=True)
+  dense.save_pretrained(out / "ernie45_dense_tiny", safe_serialization=True)
 
-  np.savez(OUT / "ernie45_reference.npz", tokens=tokens.astype(np.int32),
+  np.savez(out / "ernie45_reference.npz", tokens=tokens.astype(np.int32),
            moe_logits=moe_logits, dense_logits=dense_logits,
            moe_expert_ids=np.stack(routed).astype(np.int32))
   print(json.dumps({"transformers": transformers.__version__, "torch": torch.__version__,
-                    "files": sorted(str(p.relative_to(OUT)) for p in OUT.rglob("*")
+                    "files": sorted(str(p.relative_to(out)) for p in out.rglob("*")
                                     if p.is_file())}, indent=1))
 
 
@@ -127,8 +130,8 @@ def check(export_dir: str, ref_path: str) -> int:
 
 
 if __name__ == "__main__":
-  if sys.argv[1:2] == ["make"]:
-    make()
+  if sys.argv[1:2] == ["make"] and len(sys.argv) <= 3:
+    make(pathlib.Path(sys.argv[2]) if len(sys.argv) == 3 else OUT)
   elif sys.argv[1:2] == ["check"] and len(sys.argv) == 4:
     sys.exit(check(sys.argv[2], sys.argv[3]))
   else:
