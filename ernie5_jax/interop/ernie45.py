@@ -70,13 +70,14 @@ _IGNORED_KEYS = frozenset({
     "auto_map", "use_flash_attention", "num_nextn_predict_layers", "num_mtp_layers",
     "multi_token_pred_lambda", "moe_use_aux_free", "moe_capacity", "moe_gate",
     "use_rmsnorm", "tokenizer_class", "_name_or_path", "return_dict", "output_attentions",
-    "output_hidden_states"})
+    "output_hidden_states", "use_moe", "num_max_dispatch_tokens_per_rank"})
 _MAPPED_KEYS = frozenset({
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
     "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps",
     "tie_word_embeddings", "use_bias", "rope_theta", "rope_parameters", "rope_scaling",
     "moe_intermediate_size", "moe_k", "moe_num_experts", "moe_num_shared_experts",
-    "moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval"})
+    "moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval", "moe_gate_act",
+    "quantization_config"})
 _SKIPPED_PREFIXES = ("mtp_", "model.mtp_")  # MTP tensors: not imported (module docstring).
 _MAX_LISTED = 5
 
@@ -128,6 +129,17 @@ def model_config(hf: dict[str, Any], *, param_dtype: str = "float32"
   if hf.get("use_bias"):
     raise HFCheckpointError(f"{HF_CONFIG} use_bias=True is not accepted: linear biases are "
                             "not supported (every released ERNIE 4.5 text model has none)")
+  if hf.get("quantization_config"):
+    raise HFCheckpointError(f"{HF_CONFIG} quantization_config is not accepted: quantized "
+                            "checkpoints are not supported (expected bf16 / f32 weights)")
+  if hf.get("moe_gate_act") not in (None, "softmax"):
+    raise HFCheckpointError(f"{HF_CONFIG} moe_gate_act={hf['moe_gate_act']!r} is not "
+                            "accepted: expected 'softmax' (or absent)")
+  lists = sorted(k for k in ("moe_num_experts", "moe_intermediate_size", "moe_k")
+                 if isinstance(hf.get(k), (list, tuple)))
+  if lists:
+    raise HFCheckpointError(f"{HF_CONFIG} {lists} as per-modality lists are not accepted: "
+                            "that is the VL model's layout (expected ints)")
   rope = dict(hf.get("rope_parameters") or {})
   if hf.get("rope_scaling") or rope.get("rope_type", "default") != "default":
     raise HFCheckpointError(f"{HF_CONFIG} rope scaling {hf.get('rope_scaling') or rope} is "
@@ -145,7 +157,7 @@ def model_config(hf: dict[str, Any], *, param_dtype: str = "float32"
       rope_theta=float(theta), rope_sections=(head_dim // 2, 0, 0), num_dense_layers=num_dense,
       dense_hidden=_hf_get(hf, "intermediate_size"),
       num_experts=_hf_get(hf, "moe_num_experts") if moe else 1,
-      num_shared_experts=hf.get("moe_num_shared_experts", 0) if moe else 0,
+      num_shared_experts=(hf.get("moe_num_shared_experts") or 0) if moe else 0,
       expert_hidden=_hf_get(hf, "moe_intermediate_size") if moe else 1,
       top_k=_hf_get(hf, "moe_k") if moe else 1, router_score="softmax",
       norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
@@ -163,10 +175,11 @@ def model_config(hf: dict[str, Any], *, param_dtype: str = "float32"
 
 def _dense_prefix(hf: dict[str, Any], layers: int) -> int:
   """Layers before the first MoE layer; raises unless MoE layers are start..last, interval 1."""
-  start = hf.get("moe_layer_start_index", 1)
-  end = hf.get("moe_layer_end_index", -1)
-  end = layers - 1 if end == -1 else end
-  interval = hf.get("moe_layer_interval", 1)
+  start = hf.get("moe_layer_start_index")  # transformers' defaults for absent / null keys.
+  start = 1 if start is None else start
+  end = hf.get("moe_layer_end_index")
+  end = layers - 1 if end in (None, -1) else end
+  interval = hf.get("moe_layer_interval") or 1
   if isinstance(start, (list, tuple)) or isinstance(end, (list, tuple)):
     raise HFCheckpointError(f"{HF_CONFIG} moe_layer_start_index={start!r} / "
                             f"moe_layer_end_index={end!r} is not accepted: per-modality "
@@ -222,6 +235,7 @@ class Entry:
   index: tuple[int, ...]  # leading indices of the item inside the variable
   kind: str  # the layout change (to_ours / to_hf)
   fp32: bool = False  # Kept in float32 in HF checkpoints (router gate and bias).
+  optional: bool = False  # May be absent (moe_use_aux_free false): imported as zeros.
 
 
 def rope_permutation(head_dim: int) -> np.ndarray:
@@ -277,8 +291,8 @@ def tensor_table(config: ml_collections.ConfigDict) -> list[Entry]:
 
   for i in range(m.num_layers):
     pre = f"model.layers.{i}."
-    add = lambda name, rest, kind, index=(), fp32=False: entries.append(
-        Entry(pre + name, *layer(i, rest, index), kind, fp32))
+    add = lambda name, rest, kind, index=(), fp32=False, optional=False: entries.append(
+        Entry(pre + name, *layer(i, rest, index), kind, fp32, optional))
     add("input_layernorm.weight", ("attn_norm", "scale"), "copy")
     add("self_attn.q_proj.weight", ("attn", "wq"), "heads_rope")
     add("self_attn.k_proj.weight", ("attn", "wk"), "heads_rope")
@@ -291,7 +305,7 @@ def tensor_table(config: ml_collections.ConfigDict) -> list[Entry]:
       continue
     add("mlp.gate.weight", ("ffn", "router", "kernel"), "linear", fp32=True)
     add("mlp.moe_statics.e_score_correction_bias", ("ffn", "router", "bias"), "bias_row",
-        fp32=True)
+        fp32=True, optional=True)
     for e in range(m.num_experts):
       for w in ("gate", "up", "down"):
         add(f"mlp.experts.{e}.{w}_proj.weight", ("ffn", "experts", f"w_{w}"), "linear", (e,))
@@ -345,7 +359,7 @@ def check_tensors(config: ml_collections.ConfigDict, table: list[Entry],
   abstract = dict(nnx.to_flat_state(nnx.state(abstract_model(config))))
   wanted = {e.hf_name: e for e in table}
   skipped = sorted(n for n in headers if n not in wanted and n.startswith(_SKIPPED_PREFIXES))
-  problems = [f"{n}: missing" for n in wanted if n not in headers]
+  problems = [f"{n}: missing" for n, e in wanted.items() if n not in headers and not e.optional]
   problems += [f"{n}: not expected (shape {headers[n][1]})" for n in sorted(headers)
                if n not in wanted and n not in skipped]
   for name, e in wanted.items():
@@ -403,7 +417,10 @@ def load_state(config: ml_collections.ConfigDict, table: list[Entry],
           out = None
           for pos in itertools.product(*ranges):
             e = items[pos]
-            x = to_ours(e.kind, read(e.hf_name), item_shape)[tuple(index[lead:])]
+            if e.hf_name in headers:
+              x = to_ours(e.kind, read(e.hf_name), item_shape)[tuple(index[lead:])]
+            else:  # An optional tensor the checkpoint lacks (check_tensors): zeros.
+              x = np.zeros(item_shape, dtype)[tuple(index[lead:])]
             if out is None:
               out = np.empty(tuple(len(r) for r in ranges) + x.shape, dtype)
             out[tuple(p - r.start for p, r in zip(pos, ranges))] = x.astype(dtype)
@@ -443,6 +460,7 @@ def import_checkpoint(hf_dir: str, out_dir: str, *, param_dtype: str | None = No
   config = model_config(hf, param_dtype=param_dtype or checkpoint_dtype(headers))
   table = tensor_table(config)
   skipped = check_tensors(config, table, headers)
+  zeros = [e.hf_name for e in table if e.hf_name not in headers]  # Optional, absent.
   tokens = None
   if calibration_text is not None:
     tokens = calibration_tokens(calibration_text, os.path.join(hf_dir, TOKENIZER))
@@ -464,7 +482,8 @@ def import_checkpoint(hf_dir: str, out_dir: str, *, param_dtype: str | None = No
   store.save_model(out_dir, config, state)
   report = {"source": os.path.abspath(hf_dir), "model_type": hf["model_type"],
             "files": [os.path.basename(f) for f in files], "tensors": len(table),
-            "skipped_tensors": skipped, "param_dtype": config.model.param_dtype,
+            "skipped_tensors": skipped, "zero_tensors": zeros,
+            "param_dtype": config.model.param_dtype,
             "expert_order": None if order is None else order.tolist(),
             "seconds": round(time.perf_counter() - start, 3)}
   with open(os.path.join(out_dir, IMPORT_REPORT), "w") as f:

@@ -164,6 +164,11 @@ def _pickle_only(d):
     (lambda d: _edit_config(d, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}),
      r"rope scaling .* is not accepted"),
     (lambda d: _edit_config(d, moe_k=9), r"config.model.top_k=9 is not accepted"),
+    (lambda d: _edit_config(d, moe_gate_act="sigmoid"), r"moe_gate_act='sigmoid' is not"),
+    (lambda d: _edit_config(d, moe_num_experts=[8, 8]), r"\['moe_num_experts'\] as "
+                                                        r"per-modality lists"),
+    (lambda d: _edit_config(d, quantization_config={"quant_method": "wint4"}),
+     r"quantization_config is not accepted"),
     (lambda d: _edit_tensors(d, lambda t: t.pop("model.layers.1.mlp.gate.weight")),
      r"model.layers.1.mlp.gate.weight: missing"),
     (lambda d: _edit_tensors(d, lambda t: t.update(extra=np.zeros(3, np.float32))),
@@ -182,13 +187,23 @@ def test_import_errors_name_the_cause_and_write_nothing(tmp_path, edit, message)
   assert not (tmp_path / "out").exists()
 
 
-def test_mtp_tensors_are_skipped_and_listed(tmp_path):
+def test_mtp_tensors_skipped_absent_bias_zero_and_null_keys_read_as_transformers(tmp_path):
   src = tmp_path / "ckpt"
   shutil.copytree(MOE, src)
-  _edit_tensors(src, lambda t: t.update({"mtp_emb_norm.0.weight": np.ones(64, np.float32)}))
+  bias = "model.layers.2.mlp.moe_statics.e_score_correction_bias"
+  _edit_tensors(src, lambda t: (t.update({"mtp_emb_norm.0.weight": np.ones(64, np.float32)}),
+                                t.pop(bias)))
+  _edit_config(src, moe_layer_end_index=None, head_dim=None, moe_gate_act=None,
+               moe_use_aux_free=True, use_moe=True)
   out = ernie45.import_checkpoint(str(src), str(tmp_path / "out"))
   report = json.loads(pathlib.Path(out, "import.json").read_text())
   assert report["skipped_tensors"] == ["mtp_emb_norm.0.weight"]
+  assert report["zero_tensors"] == [bias]
+  config, model = store.restore_model(out)
+  assert (config.model.num_dense_layers, config.model.head_dim) == (1, 16)
+  layer_bias = dict(nnx.to_flat_state(nnx.state(model)))[
+      ("moe_layers", "layers", "ffn", "router", "bias")].get_value()  # [moe_layers, experts]
+  assert np.all(np.asarray(layer_bias[1]) == 0) and np.any(np.asarray(layer_bias[0]) != 0)
 
 
 def test_export_refuses_models_without_an_ernie45_form(imported):
