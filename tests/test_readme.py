@@ -10,19 +10,30 @@ import json
 import os
 import pathlib
 import re
-import shlex
 import subprocess
 
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+SETUP = "./setup.sh && "
 PREFIX = ".venv/bin/python -m ernie5_jax.main"
 
 
+def _lines() -> list[str]:
+  text = re.sub(r"\\\n\s*", "", (REPO / "README.md").read_text())  # Continuations joined.
+  return [line.strip() for line in text.splitlines()]
+
+
 def readme_commands() -> list[str]:
-  """The README's `python -m ernie5_jax.main` command lines, in order (continuations joined)."""
-  text = re.sub(r"\\\n\s*", "", (REPO / "README.md").read_text())
-  return [line.strip() for line in text.splitlines() if line.strip().startswith(PREFIX)]
+  """The README's `python -m ernie5_jax.main` command lines (after setup or not), in order."""
+  return [line for line in _lines() if line.removeprefix(SETUP).startswith(PREFIX)]
+
+
+def test_the_readme_gives_two_setup_commands_and_ci_runs_the_second():
+  setup = [line for line in _lines() if line.startswith(SETUP)]
+  assert setup == [SETUP + PREFIX + " --config=experiments/tiny.py --workdir=workdirs/tiny",
+                   SETUP + ".venv/bin/python -m pytest -n 2 -q"]
+  assert (REPO / ".ci" / "run").read_text().strip().splitlines()[-1] == setup[1]
 
 
 def test_the_readme_shows_the_main_job_and_its_follow_ups():
@@ -34,13 +45,14 @@ def test_the_readme_shows_the_main_job_and_its_follow_ups():
 @pytest.mark.slow
 def test_readme_commands_run_as_written(tmp_path_factory):
   scratch = tmp_path_factory.mktemp("readme")
-  for name in (".venv", "experiments", "tests"):  # tests/: the ERNIE 4.5 fixture imported.
+  # tests/: the ERNIE 4.5 fixture imported; setup.sh (+ setup.py, its stamp): skipped, as set up.
+  for name in (".venv", "experiments", "tests", "setup.sh", "setup.py"):
     (scratch / name).symlink_to(REPO / name)
   env = dict(os.environ, ERNIE5_DATA_DIR=str(tmp_path_factory.getbasetemp() / "shared_data"))
   env.pop("JAX_PLATFORMS", None)  # As a user's shell has it: main.py keeps JAX off the TPU probe.
   for command in readme_commands():
-    proc = subprocess.run(shlex.split(command), cwd=scratch, env=env, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(command, shell=True, executable="/bin/bash", cwd=scratch, env=env,
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{command}\n{proc.stderr[-3000:]}"
     assert "libtpu" not in proc.stderr and "TPU_WORKER_HOSTNAMES" not in proc.stderr, command
   work = scratch / "workdirs"
