@@ -358,7 +358,9 @@ def check_tensors(config: ml_collections.ConfigDict, table: list[Entry],
   """Raises HFCheckpointError on missing, extra or mis-shaped tensors; returns the skipped."""
   abstract = dict(nnx.to_flat_state(nnx.state(abstract_model(config))))
   wanted = {e.hf_name: e for e in table}
-  skipped = sorted(n for n in headers if n not in wanted and n.startswith(_SKIPPED_PREFIXES))
+  # MTP tensors (module docstring) and a tied model's stored copy of the embedding.
+  skipped = sorted(n for n in headers if n not in wanted and (
+      n.startswith(_SKIPPED_PREFIXES) or (n == "lm_head.weight" and config.model.tie_embeddings)))
   problems = [f"{n}: missing" for n, e in wanted.items() if n not in headers and not e.optional]
   problems += [f"{n}: not expected (shape {headers[n][1]})" for n in sorted(headers)
                if n not in wanted and n not in skipped]

@@ -191,13 +191,14 @@ def test_mtp_tensors_skipped_absent_bias_zero_and_null_keys_read_as_transformers
   src = tmp_path / "ckpt"
   shutil.copytree(MOE, src)
   bias = "model.layers.2.mlp.moe_statics.e_score_correction_bias"
-  _edit_tensors(src, lambda t: (t.update({"mtp_emb_norm.0.weight": np.ones(64, np.float32)}),
+  _edit_tensors(src, lambda t: (t.update({"mtp_emb_norm.0.weight": np.ones(64, np.float32),
+                                         "lm_head.weight": t["model.embed_tokens.weight"]}),
                                 t.pop(bias)))
   _edit_config(src, moe_layer_end_index=None, head_dim=None, moe_gate_act=None,
                moe_use_aux_free=True, use_moe=True)
   out = ernie45.import_checkpoint(str(src), str(tmp_path / "out"))
   report = json.loads(pathlib.Path(out, "import.json").read_text())
-  assert report["skipped_tensors"] == ["mtp_emb_norm.0.weight"]
+  assert report["skipped_tensors"] == ["lm_head.weight", "mtp_emb_norm.0.weight"]
   assert report["zero_tensors"] == [bias]
   config, model = store.restore_model(out)
   assert (config.model.num_dense_layers, config.model.head_dim) == (1, 16)
