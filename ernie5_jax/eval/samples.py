@@ -15,6 +15,10 @@ Images are scored by the digit classifier trained on the real images
 (eval/digit_classifier.py); audio by the keypad tone it carries (`keypad_digits`).
 Prompts are the data's own (data/digits_multimodal/generate.py make_texts): caption for
 caption->image, audio caption for text->audio.
+
+A model with its own text tokenizer (config.data.text_model: an imported ERNIE 4.5
+checkpoint, ernie5_jax/interop) has no image or audio vocabulary: it gets the text
+continuations (with that tokenizer) and the decode speed only (`generate_text_samples`).
 """
 
 from __future__ import annotations
@@ -187,6 +191,32 @@ def generate_samples(config: ml_collections.ConfigDict, model: nnx.Module, out_d
   return report
 
 
+def generate_text_samples(config: ml_collections.ConfigDict, model: nnx.Module, out_dir: str,
+                          *, sampling: Sampling = GREEDY, seed: int = 0,
+                          text_tokens: int = 24) -> dict[str, Any]:
+  """Text continuations of TEXT_PROMPTS with config.data.text_model and the decode speed,
+  written under out_dir (text.txt, report.json); returns the report dict."""
+  os.makedirs(out_dir, exist_ok=True)
+  tok = tok_lib.text_tokenizer(config.data.text_model)
+  layout = seq_lib.VocabularyLayout(text_size=tok.vocab_size, pad_id=tok.pad_id,
+                                    eos_id=tok.eos_id)
+  dec = CachedDecoder(model)
+  start = time.perf_counter()
+  continued = loops.generate_text(dec, layout, [tok.encode(p) for p in TEXT_PROMPTS],
+                                  max_new_tokens=text_tokens, sampling=sampling, seed=seed)
+  report: dict[str, Any] = {
+      "sampling": {"temperature": float(sampling.temperature), "top_p": float(sampling.top_p)},
+      "seed": seed, "tokenizer": config.data.text_model,
+      "text": [{"prompt": p, "continuation": tok.decode(c)}
+               for p, c in zip(TEXT_PROMPTS, continued)]}
+  with open(os.path.join(out_dir, "text.txt"), "w") as f:
+    for item in report["text"]:
+      f.write(f"{item['prompt']!r} -> {item['continuation']!r}\n")
+  report["seconds"] = time.perf_counter() - start
+  report["decode_tokens_per_sec"] = decode_tokens_per_sec(config, model, seed=seed, decoder=dec)
+  return report
+
+
 def generate_from_checkpoint(checkpoint_path: str, out_dir: str, *,
                              config: ml_collections.ConfigDict | None = None,
                              override_fields: tuple[str, ...] = (), step: int | None = None
@@ -200,18 +230,25 @@ def generate_from_checkpoint(checkpoint_path: str, out_dir: str, *,
   config = store.resolve_config(loc, config, override_fields)
   config, model = store.restore_model(loc, config=config)
   g = config.generate
-  report = generate_samples(config, model, out_dir, per_digit=g.samples_per_digit,
-                            sampling=Sampling(g.temperature, g.top_p), seed=g.seed,
-                            text_tokens=g.text_tokens)
+  sampling = Sampling(g.temperature, g.top_p)
+  if config.data.get("text_model"):  # A text model with its own vocabulary (module doc).
+    report = generate_text_samples(config, model, out_dir, sampling=sampling, seed=g.seed,
+                                   text_tokens=g.text_tokens)
+  else:
+    report = generate_samples(config, model, out_dir, per_digit=g.samples_per_digit,
+                              sampling=sampling, seed=g.seed, text_tokens=g.text_tokens)
   report.update(checkpoint=str(loc.model_dir), step=loc.step)
   with open(os.path.join(out_dir, "report.json"), "w") as f:
     json.dump(report, f, indent=2)
-  image_accuracy = report["image"].get("accuracy", float("nan"))
   step_note = "" if loc.step is None else f" (step {loc.step})"
-  print(f"samples of {loc.model_dir}{step_note} in {out_dir}: caption->image digit "
-        f"accuracy {image_accuracy:.3f}, text->audio keypad accuracy "
-        f"{report['audio']['accuracy']:.3f}, decode {report['decode_tokens_per_sec']:.0f} "
-        "tokens/s")
+  if "image" in report:
+    print(f"samples of {loc.model_dir}{step_note} in {out_dir}: caption->image digit "
+          f"accuracy {report['image'].get('accuracy', float('nan')):.3f}, text->audio keypad "
+          f"accuracy {report['audio']['accuracy']:.3f}, decode "
+          f"{report['decode_tokens_per_sec']:.0f} tokens/s")
+  else:
+    print(f"text samples of {loc.model_dir}{step_note} in {out_dir}: decode "
+          f"{report['decode_tokens_per_sec']:.0f} tokens/s")
   for item in report["text"]:
     print(f"  {item['prompt']!r} -> {item['continuation']!r}")
   return report

@@ -293,3 +293,14 @@ def test_bf16_checkpoints_stay_bf16_with_a_float32_router(tmp_path):
   exported = load_file(f"{ernie45.export_checkpoint(out, str(tmp_path / 'hf'))}/model.safetensors")
   for key, value in load_file(src / "model.safetensors").items():
     assert exported[key].dtype == value.dtype and np.array_equal(exported[key], value), key
+
+
+def test_generate_gives_an_imported_model_text_samples_in_its_vocabulary(imported, tmp_path,
+                                                                          monkeypatch):
+  from ernie5_jax.eval import samples  # pylint: disable=g-import-not-at-top
+  _, config, model, _, _ = imported["moe"]
+  monkeypatch.setattr(samples, "decode_tokens_per_sec", lambda *a, **k: 1.0)  # Its own test.
+  report = samples.generate_text_samples(config, model, str(tmp_path), text_tokens=1)
+  assert [t["prompt"] for t in report["text"]] == list(samples.TEXT_PROMPTS)
+  assert report["tokenizer"] == config.data.text_model
+  assert (tmp_path / "text.txt").read_text().count("->") == len(samples.TEXT_PROMPTS)
