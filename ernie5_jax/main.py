@@ -259,13 +259,11 @@ def _run_import() -> None:
     fail("error: --mode=import needs --hf_checkpoint=DIR (an ERNIE 4.5 Hugging Face checkpoint: "
          "config.json + *.safetensors); it writes model/ + config.json to --workdir")
   _quiet_libraries()
-  from ernie5_jax import store  # pylint: disable=g-import-not-at-top
   from ernie5_jax.interop import ernie45  # pylint: disable=g-import-not-at-top
   try:
     out = ernie45.import_checkpoint(FLAGS.hf_checkpoint, FLAGS.workdir,
                                     calibration_text=FLAGS.calibration_text)
-  except (ernie45.HFCheckpointError, store.WorkdirError, config_lib.ConfigError,
-          FileExistsError) as e:
+  except _user_errors() + (ernie45.HFCheckpointError,) as e:
     fail(f"error: {type(e).__name__}: {e}")
   logging.info("Imported %s into %s.", FLAGS.hf_checkpoint, out)
 
@@ -277,15 +275,12 @@ def _run_export_hf() -> None:
          "checkpoints/ dir, one checkpoints/<step>/ dir or an exported / imported model dir); "
          "--submodel=depth,experts,top_k is optional")
   _quiet_libraries()
-  from ernie5_jax import store  # pylint: disable=g-import-not-at-top
   from ernie5_jax.interop import ernie45  # pylint: disable=g-import-not-at-top
   from ernie5_jax.model import elastic  # pylint: disable=g-import-not-at-top
   try:
     sub = elastic.SubModel.parse(FLAGS.submodel) if FLAGS.submodel else None
     out = ernie45.export_checkpoint(FLAGS.checkpoint, FLAGS.workdir, sub=sub)
-  except (ernie45.HFCheckpointError, store.CheckpointNotFoundError,
-          store.CheckpointMismatchError, store.WorkdirError, config_lib.ConfigError,
-          FileExistsError) as e:
+  except _user_errors() + (ernie45.HFCheckpointError,) as e:
     fail(f"error: {type(e).__name__}: {e}")
   logging.info("Exported %s of %s to %s (Hugging Face format).", sub or "the model",
                FLAGS.checkpoint, out)
