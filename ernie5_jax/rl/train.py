@@ -292,7 +292,6 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str) -> tuple[TrainStat
 
   # --- logging -------------------------------------------------------------
   store.ensure_writable(workdir)
-  store.save_config(config, workdir)
   writer = metric_writers.create_default_writer(workdir)
 
   # --- model + optimizer ---------------------------------------------------
@@ -312,6 +311,7 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str) -> tuple[TrainStat
   else:
     state, rl_state = state_lib.init_train_state(create, tx)[1], RLState()
     logging.warning("RL starts from a random model (train.init_from is empty).")
+  store.save_config(config, workdir)  # Once the state fits config (a failed resume keeps it).
   if rl_state.iteration >= rl.iterations:
     logging.info("Nothing to do: iteration %d >= rl.iterations=%d.", rl_state.iteration,
                  rl.iterations)
