@@ -89,15 +89,18 @@ class HFCheckpointError(ValueError):
 # --- config -------------------------------------------------------------------------------
 
 def read_hf_config(hf_dir: str) -> dict[str, Any]:
-  """config.json of an HF checkpoint directory; refuses directories without safetensors."""
+  """config.json of an HF checkpoint directory, as a dict."""
   if not os.path.isdir(hf_dir):
     raise HFCheckpointError(f"--hf_checkpoint={hf_dir!r} is not accepted: expected a directory "
                             f"holding {HF_CONFIG} and *.safetensors (an HF checkpoint)")
   path = os.path.join(hf_dir, HF_CONFIG)
   if not os.path.isfile(path):
     raise HFCheckpointError(f"{path} does not exist: expected the HF checkpoint's {HF_CONFIG}")
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError as e:
+    raise HFCheckpointError(f"{path} is not accepted: not JSON ({e})") from e
 
 
 def _hf_get(hf: dict[str, Any], key: str, default: Any = None) -> Any:
@@ -346,10 +349,14 @@ def tensor_headers(files: list[str]) -> dict[str, tuple[str, tuple[int, ...], st
   """name -> (file, shape, safetensors dtype) from the files' headers (no tensor is read)."""
   out = {}
   for path in files:
-    with safe_open(path, framework="numpy") as f:
-      for name in f.keys():
-        s = f.get_slice(name)
-        out[name] = (path, tuple(s.get_shape()), s.get_dtype())
+    try:
+      with safe_open(path, framework="numpy") as f:
+        for name in f.keys():
+          s = f.get_slice(name)
+          out[name] = (path, tuple(s.get_shape()), s.get_dtype())
+    except Exception as e:  # safetensors' own error type: a corrupt or truncated header.
+      raise HFCheckpointError(f"{path} is not accepted: not a readable safetensors file "
+                              f"({type(e).__name__}: {e})") from e
   return out
 
 

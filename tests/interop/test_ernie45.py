@@ -177,6 +177,9 @@ def _pickle_only(d):
      r"model.layers.1.mlp.experts.0.gate_proj.weight: shape \(32, 64\) != \(16, 64\)"),
     (_pickle_only, r"pytorch_model.bin is not accepted: pickle-based weights are never loaded"),
     (lambda d: (d / "config.json").unlink(), r"config.json does not exist"),
+    (lambda d: (d / "config.json").write_text("{"), r"config.json is not accepted: not JSON"),
+    (lambda d: (d / "model.safetensors").write_bytes(b"\x08\x00garbage"),
+     r"model.safetensors is not accepted: not a readable safetensors file"),
 ])
 def test_import_errors_name_the_cause_and_write_nothing(tmp_path, edit, message):
   src = tmp_path / "ckpt"
