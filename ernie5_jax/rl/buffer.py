@@ -24,6 +24,7 @@ are never saved: they are re-generated from scratch after a resume.
 
 from __future__ import annotations
 
+import heapq
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -212,3 +213,61 @@ class ReplayBuffer:
       for g, entry in zip(unreleased, state["groups"]):
         for i, data in zip(entry["complete"], entry["data"], strict=True):
           self._complete[g][int(i)] = decode_payload(data)
+
+
+# --- out-of-order completion: why the order matters -------------------------------------------
+def completion_events(lengths: np.ndarray, *, workers: int) -> list[tuple[int, int]]:
+  """(group, rollout) pairs in the order a rollout engine finishes them.
+
+  A faithful model of variable-length completion: the engine decodes up to `workers`
+  sequences at once, one token per sequence per step (continuous batching); sequences are
+  admitted in (group, rollout) order as slots free up, and one of R tokens finishes R
+  steps after it was admitted. lengths: [groups, group_size] response tokens (>= 1).
+  """
+  lengths = np.asarray(lengths)
+  if lengths.ndim != 2 or (lengths < 1).any():
+    raise ValueError(f"lengths of shape {lengths.shape} is not accepted: expected "
+                     "[groups, group_size] response lengths >= 1")
+  if workers < 1:
+    raise ValueError(f"workers={workers} is not accepted: expected >= 1")
+  queue = [(g, i) for g in range(lengths.shape[0]) for i in range(lengths.shape[1])]
+  running: list[tuple[float, int, int, int]] = []  # heap of (finish step, admission, g, i)
+  events = []
+  for admitted, (g, i) in enumerate(queue):
+    start = 0.0
+    if len(running) >= workers:  # Wait for a slot: the earliest finish leaves.
+      start, _, gg, ii = heapq.heappop(running)
+      events.append((gg, ii))
+    heapq.heappush(running, (start + float(lengths[g, i]), admitted, g, i))
+  while running:
+    _, _, g, i = heapq.heappop(running)
+    events.append((g, i))
+  return events
+
+
+def first_completed_groups(events: Sequence[tuple[int, int]], group_size: int, count: int
+                           ) -> list[int]:
+  """Train-as-completed: the first `count` groups whose group_size rollouts have all finished."""
+  done: dict[int, int] = {}
+  out = []
+  for g, _ in events:
+    done[g] = done.get(g, 0) + 1
+    if done[g] == group_size:
+      out.append(g)
+      if len(out) == count:
+        break
+  return out
+
+
+def released_groups(events: Sequence[tuple[int, int]], group_size: int, count: int,
+                    order: Sequence[int]) -> list[int]:
+  """The first `count` groups a ReplayBuffer releases when rollouts arrive as `events`."""
+  buffer = ReplayBuffer(group_size)
+  buffer.start_iteration(order)
+  out: list[int] = []
+  for g, i in events:
+    buffer.add(g, i, None)
+    out += [gid for gid, _ in buffer.ready()]
+    if len(out) >= count:
+      break
+  return out[:count]

@@ -32,19 +32,20 @@ from ernie5_jax.train.state import TrainState
 
 # --- the training engine's functions (jitted per run by Engine) ------------------------------
 def forward(params, rest, fields: dict[str, jax.Array], replay_ids: jax.Array | None, *,
-            graphdef: nnx.GraphDef) -> tuple[jax.Array, jax.Array]:
-  """log p(targets) [N, S] and token entropy [N, S] of the training engine.
+            graphdef: nnx.GraphDef, temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """log p(targets) [N, S] and token entropy [N, S] of the training engine's policy.
 
   fields: Rollouts.fields() [N, S, ...]; replay_ids [L_moe, N, S, K] routes as the rollout
-  did, None routes live.
+  did, None routes live. The policy is rollout.policy_log_probs: the id range the sampler
+  drew from at the rollout temperature, the distribution infer_logprobs is taken under.
   """
   model = nnx.merge(graphdef, params, rest)
   logits, _ = model(fields["tokens"], fields["positions"], fields["segment_ids"],
                     fields["group_ids"], fields["audio_codes"], routing_replay=replay_ids)
-  logp_all = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [N, S, V]
+  logp_all = rollout_lib.policy_log_probs(logits, fields, temperature)  # [N, S, V]
   logp = jnp.take_along_axis(logp_all, fields["targets"][..., None], axis=-1)[..., 0]
-  entropy = -jnp.einsum("nsv,nsv->ns", jnp.exp(logp_all), logp_all)
-  return logp, entropy
+  terms = jnp.where(jnp.isfinite(logp_all), jnp.exp(logp_all) * logp_all, 0.0)
+  return logp, -jnp.sum(terms, axis=-1)
 
 
 def policy_loss(params, rest, fields, replay_ids, batch: dict[str, jax.Array], *,
@@ -54,7 +55,8 @@ def policy_loss(params, rest, fields, replay_ids, batch: dict[str, jax.Array], *
   batch: logp_old [N, S], mask [N, S] (the tokens the loss reads), advantages [N],
   weights [N].
   """
-  logp, _ = forward(params, rest, fields, replay_ids, graphdef=graphdef)
+  logp, _ = forward(params, rest, fields, replay_ids, graphdef=graphdef,
+                    temperature=rl.temperature)
   if rl.loss == "gspo":
     return obj.gspo_loss(logp, batch["logp_old"], batch["mask"], batch["advantages"],
                          clip_low=rl.clip_low, clip_high=rl.clip_high, weights=batch["weights"])
@@ -84,7 +86,8 @@ def update_step(state: TrainState, fields, replay_ids, batch: dict[str, jax.Arra
 
 
 # --- the update batch -------------------------------------------------------------------------
-_PAD = {"audio_codes": -1}  # Right-padding values of the sequence fields (others 0).
+# Right-padding values of the sequence fields (others 0); padding samples from every id.
+_PAD = {"audio_codes": -1, "sample_hi": np.iinfo(np.int32).max}
 
 
 def concat_rollouts(rollouts: list[rollout_lib.Rollouts], width: int
@@ -163,7 +166,8 @@ class Engine:
     self.sampling = Sampling(temperature=rl.temperature, top_p=rl.top_p)
     self.rollout_dtype = None if rl.rollout_dtype == "float32" else jnp.dtype(rl.rollout_dtype)
     self.decoders = rollout_lib.DecoderCache()
-    self.forward = jax.jit(functools.partial(forward, graphdef=graphdef))
+    self.forward = jax.jit(functools.partial(forward, graphdef=graphdef,
+                                             temperature=rl.temperature))
     self.update_step = jax.jit(functools.partial(update_step, graphdef=graphdef, rl=rl, tx=tx),
                                donate_argnames=("state",))
     self.width = 0  # The widest padded row so far: the update batch's width only grows.

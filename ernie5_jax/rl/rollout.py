@@ -20,11 +20,15 @@ the training forward reads it, equal slot for slot to the rollout's KV cache
   max_new_tokens is not used. response_tokens are the sampled vocabulary ids, scale by
   scale (input_pipeline/verifiable.py image_tokens' layout); complete = True.
 
-infer_logprobs[n, s] = log_softmax(raw logits)[targets[n, s]] over the FULL vocabulary,
+infer_logprobs[n, s] = log p_behaviour(targets[n, s]): the log-probability under the
+distribution the sampler actually drew from (generate/sampling.log_probs: the id range of
+that position, sample_lo[n, s] .. sample_hi[n, s], the temperature and the top-p nucleus),
 under the rollout engine (its precision / sub-model), 0 where response_mask is 0. The
-sampler draws from a restricted id range at some temperature / top-p; the recorded
-quantity is deliberately the plain model distribution, which is what the training forward
-(`logprobs_fn`) computes, so their ratio is the training-inference mismatch.
+training forward (`policy_log_probs`, `logprobs_fn`) takes the policy over the same id
+range at the same temperature, so their ratio is the training-inference mismatch of one
+policy. Top-p is not applied on the training side (a token outside the training engine's
+own nucleus would get probability 0); with rl.top_p < 1 the ratio also carries the
+nucleus renormalisation (docs/rl.md).
 
 expert_ids [L_moe, N, S, K]: the experts each MoE layer used at every fed input position
 (the prompt from the prefill, then each step), -1 where nothing was fed / after a row's
@@ -33,7 +37,9 @@ model/router.py). Passing them as `routing_replay` makes training route as the r
 (rollout router replay, R3: arXiv 2510.11370; ERNIE 5.0's routing consistency).
 
 dtype (e.g. jnp.bfloat16) rounds the rollout copy's parameters to that precision (compute
-stays in the model's dtype), as a lower-precision inference engine would hold them; sub
+stays in the model's dtype), as a lower-precision inference engine would hold them;
+float8_e4m3fn quantises each weight matrix with its own scale (max |w| / 448, the format's
+largest finite value), the per-tensor FP8 weights of an FP8 inference engine; sub
 (an elastic SubModel, or ElasticMasks) runs that sub-model of the parameters (model/elastic.py).
 """
 
@@ -48,6 +54,7 @@ import numpy as np
 from flax import nnx
 
 from ernie5_jax.generate.decode import CachedDecoder, StepInputs
+from ernie5_jax.generate import sampling as sampling_lib
 from ernie5_jax.generate.sampling import Sampling
 from ernie5_jax.input_pipeline import sequence as seq_lib
 from ernie5_jax.model import elastic as elastic_lib
@@ -73,20 +80,35 @@ class Rollouts:
   expert_ids: np.ndarray  # [L_moe, N, S, top_k] int32 (-1: not recorded)
   response_tokens: list[np.ndarray]  # N x [R_n] generated ids (text: through its EOS)
   complete: np.ndarray  # [N] bool: text reached EOS; image always
+  sample_lo: np.ndarray  # [N, S] int32: first id the sampler could draw at s (0 off-mask)
+  sample_hi: np.ndarray  # [N, S] int32: one past the last (the vocabulary size off-mask)
   group_size: int = 1
 
   def fields(self) -> dict[str, np.ndarray]:
-    """The model-input fields + targets (`logprobs_fn`'s batch_fields)."""
-    return {k: getattr(self, k) for k in _FIELDS + ("targets",)}
+    """The model-input fields, targets and sampled id ranges (`logprobs_fn`'s batch_fields)."""
+    return {k: getattr(self, k) for k in _FIELDS + ("targets", "sample_lo", "sample_hi")}
 
 
 # --- the rollout model -------------------------------------------------------------------------
+FP8 = jnp.dtype(jnp.float8_e4m3fn)
+
+
+def quantize(p: jax.Array, dtype) -> jax.Array:
+  """p rounded to dtype and back; float8_e4m3fn with a per-tensor scale max|p| / 448."""
+  if jnp.dtype(dtype) != FP8:
+    return p.astype(dtype).astype(p.dtype)
+  scale = jnp.max(jnp.abs(p.astype(jnp.float32))) / float(jnp.finfo(FP8).max)
+  scale = jnp.where(scale > 0, scale, 1.0)
+  return ((p.astype(jnp.float32) / scale).astype(FP8).astype(jnp.float32) * scale
+          ).astype(p.dtype)
+
+
 def cast_params(model: nnx.Module, dtype) -> nnx.Module:
-  """A copy of model whose floating nnx.Params are rounded to dtype (stored back in their dtype)."""
+  """A copy of model whose floating nnx.Params are rounded to dtype (stored back in their dtype);
+  float8_e4m3fn: per-tensor scaled (`quantize`)."""
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   rounded = jax.tree.map(
-      lambda p: p.astype(dtype).astype(p.dtype) if jnp.issubdtype(p.dtype, jnp.floating)
-      else p, params)
+      lambda p: quantize(p, dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
   return nnx.merge(graphdef, rounded, rest)
 
 
@@ -140,11 +162,16 @@ class DecoderCache:
     return dec
 
 
-@jax.jit
-def _target_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Full-vocabulary log_softmax(logits [..., V]) at targets [...] -> [...] float32."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+_behaviour_logprobs = jax.jit(sampling_lib.token_log_probs)  # (logits, ids, sampling, lo, hi)
+
+
+def policy_log_probs(logits: jax.Array, fields: dict[str, jax.Array], temperature: float
+                     ) -> jax.Array:
+  """log p [N, S, V] of the trained policy: the sampled id range at the rollout temperature
+  (no top-p; module docstring); temperature 0 (greedy rollouts) reads as 1."""
+  sampling = sampling_lib.Sampling(temperature=temperature or 1.0, top_p=1.0)
+  return sampling_lib.log_probs(logits, sampling, lo=fields["sample_lo"],
+                                hi=fields["sample_hi"])
 
 
 def _step_inputs(tokens, positions, group, audio_levels) -> StepInputs:
@@ -226,7 +253,7 @@ def _text(dec: CachedDecoder, layout, fields, next_position, max_new, sampling, 
   inputs = StepInputs(**{k: jnp.asarray(v) for k, v in fields.items()})
   out, cache = dec.step(cache, inputs, next(keys), sampling, **text)  # Prefill.
   token = out.tokens[:, -1]  # [N]
-  generated, logps = [token], [_target_logprobs(out.logits[:, -1], token)]
+  generated, logps = [token], [_behaviour_logprobs(out.logits[:, -1], token, sampling, **text)]
   expert_ids = [out.expert_ids]  # [L_moe, N, T, K] per step
   done = np.asarray(token) == layout.eos_id
   position = next_position.copy()
@@ -237,7 +264,7 @@ def _text(dec: CachedDecoder, layout, fields, next_position, max_new, sampling, 
         position[:, None, None], 3, 2), 0, dec.audio_levels), next(keys), sampling, **text)
     token = out.tokens[:, 0]
     generated.append(token)
-    logps.append(_target_logprobs(out.logits[:, 0], token))
+    logps.append(_behaviour_logprobs(out.logits[:, 0], token, sampling, **text))
     expert_ids.append(out.expert_ids)
     position = position + 1
     done |= np.asarray(token) == layout.eos_id
@@ -250,6 +277,7 @@ def _text(dec: CachedDecoder, layout, fields, next_position, max_new, sampling, 
   targets = np.zeros((n, s), np.int32)
   mask = np.zeros((n, s), np.float32)
   infer = np.zeros((n, s), np.float32)
+  vocab = int(out.logits.shape[-1])
   routing = np.full(recorded.shape[:2] + (s,) + recorded.shape[3:], -1, np.int32)
   responses, complete = [], np.zeros((n,), bool)
   for i in range(n):
@@ -272,7 +300,9 @@ def _text(dec: CachedDecoder, layout, fields, next_position, max_new, sampling, 
   nxt = np.concatenate([seq["tokens"][:, 1:], np.zeros((n, 1), np.int32)], axis=1)
   targets = np.where(mask > 0, targets, nxt).astype(np.int32)
   return dict(**seq, targets=targets, response_mask=mask, infer_logprobs=infer,
-              expert_ids=routing, response_tokens=responses, complete=complete)
+              expert_ids=routing, response_tokens=responses, complete=complete,
+              sample_lo=np.zeros((n, s), np.int32),
+              sample_hi=np.where(mask > 0, layout.text_size, vocab).astype(np.int32))
 
 
 def _image(dec: CachedDecoder, layout, fields, next_position, next_group, sampling, keys):
@@ -289,6 +319,8 @@ def _image(dec: CachedDecoder, layout, fields, next_position, next_group, sampli
   targets[:, lp - 1] = layout.special("SOS")  # BOI -> SOS: structure, not generated.
   mask = np.zeros((n, lp + total), np.float32)
   infer = np.zeros((n, lp + total), np.float32)
+  sample_lo = np.zeros((n, lp + total), np.int32)
+  sample_hi = np.full((n, lp + total), int(out.logits.shape[-1]), np.int32)
   top, start, codes, sampled = scales[-1], lp, [], []
   for k, side in enumerate(scales):
     if k == 0:
@@ -311,7 +343,9 @@ def _image(dec: CachedDecoder, layout, fields, next_position, next_group, sampli
     seq["group_ids"][:, span] = next_group + k
     targets[:, span] = ids
     mask[:, span] = 1.0
-    infer[:, span] = np.asarray(_target_logprobs(out.logits, out.tokens))
+    infer[:, span] = np.asarray(_behaviour_logprobs(out.logits, out.tokens, sampling, lo=lo,
+                                                    hi=lo + layout.image_codebook_size))
+    sample_lo[:, span], sample_hi[:, span] = lo, lo + layout.image_codebook_size
     expert_ids.append(out.expert_ids)
     codes.append((ids - lo).reshape(n, side, side))
     sampled.append(ids)
@@ -320,36 +354,40 @@ def _image(dec: CachedDecoder, layout, fields, next_position, next_group, sampli
   return dict(**seq, targets=targets.astype(np.int32), response_mask=mask,
               infer_logprobs=infer,
               expert_ids=np.asarray(jnp.concatenate(expert_ids, axis=2)).astype(np.int32),
-              response_tokens=responses, complete=np.ones((n,), bool))
+              response_tokens=responses, complete=np.ones((n,), bool),
+              sample_lo=sample_lo, sample_hi=sample_hi)
 
 
 # --- the training forward -----------------------------------------------------------------------
 def logprobs_fn(model: nnx.Module, batch_fields: dict[str, jax.Array],
-                replay_ids: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                replay_ids: jax.Array | None = None, temperature: float = 1.0
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """log p(targets) [N, S] of the TRAINING forward (Decoder.__call__), and its aux.
 
   Pure (jit / grad-able over the model's params): batch_fields holds tokens, positions,
-  segment_ids, group_ids, audio_codes and targets (`Rollouts.fields()`); replay_ids
-  [L_moe, N, S, K] (Rollouts.expert_ids) routes as the rollout did, None routes live.
-  Full-vocabulary log_softmax of the raw logits, the quantity infer_logprobs records.
+  segment_ids, group_ids, audio_codes, targets, sample_lo and sample_hi
+  (`Rollouts.fields()`); replay_ids [L_moe, N, S, K] (Rollouts.expert_ids) routes as the
+  rollout did, None routes live. The policy of `policy_log_probs` (the sampled id range at
+  `temperature`), the quantity infer_logprobs records for the behaviour engine.
   """
   logits, aux = model(batch_fields["tokens"], batch_fields["positions"],
                       batch_fields["segment_ids"], batch_fields["group_ids"],
                       batch_fields.get("audio_codes"), routing_replay=replay_ids)
-  logp = jax.nn.log_softmax(logits, axis=-1)  # [N, S, V] float32
+  logp = policy_log_probs(logits, batch_fields, temperature)  # [N, S, V] float32
   return jnp.take_along_axis(logp, batch_fields["targets"][..., None], axis=-1)[..., 0], aux
 
 
-_jit_logprobs = nnx.jit(logprobs_fn)
+_jit_logprobs = nnx.jit(logprobs_fn, static_argnames=("temperature",))
 
 
-def train_logprobs(model: nnx.Module, rollouts: Rollouts, *, replay: bool
-                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def train_logprobs(model: nnx.Module, rollouts: Rollouts, *, replay: bool,
+                   temperature: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Training log p(targets) [N, S] of rollouts (0 where response_mask is 0), and aux.
 
-  replay: route with rollouts.expert_ids (rollout router replay) or live.
+  replay: route with rollouts.expert_ids (rollout router replay) or live; temperature:
+  the rollouts' sampling temperature.
   """
   fields = {k: jnp.asarray(v) for k, v in rollouts.fields().items()}
   replay_ids = jnp.asarray(rollouts.expert_ids, jnp.int32) if replay else None
-  logp, aux = _jit_logprobs(model, fields, replay_ids)
+  logp, aux = _jit_logprobs(model, fields, replay_ids, temperature=temperature)
   return logp * jnp.asarray(rollouts.response_mask), aux

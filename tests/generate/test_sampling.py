@@ -61,3 +61,26 @@ def test_bad_parameters_are_named():
     S.Sampling(temperature=-1.0)
   with pytest.raises(ValueError, match="top_p=0"):
     S.Sampling(top_p=0.0)
+
+
+def test_log_probs_are_the_distribution_sample_draws_from():
+  logits = jnp.asarray([[2.0, 1.0, 0.5, 0.0, -1.0, 3.0, 1.5]])
+  sampling = S.Sampling(temperature=0.7, top_p=0.8)
+  logp = np.asarray(S.log_probs(logits, sampling, lo=1, hi=6))[0]
+  # Reference: ids 1..5, logits / T, nucleus of mass 0.8, renormalised.
+  z = np.asarray(logits[0, 1:6], np.float64) / 0.7
+  p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+  order = np.argsort(-p)
+  keep = order[:int(np.searchsorted(np.cumsum(p[order]), 0.8) + 1)]
+  want = np.full(7, -np.inf)
+  want[1 + keep] = np.log(p[keep] / p[keep].sum())
+  np.testing.assert_allclose(logp, want, rtol=1e-5)
+  draws = jax.jit(jax.vmap(lambda k: S.sample(k, logits, sampling, lo=1, hi=6)))(
+      jax.random.split(jax.random.key(0), 20000))[:, 0]
+  freq = np.bincount(np.asarray(draws), minlength=7) / 20000
+  np.testing.assert_allclose(freq, np.exp(logp), atol=0.015)
+  ids = jnp.asarray([[5]])
+  np.testing.assert_allclose(float(S.token_log_probs(logits, ids[0], sampling, lo=1, hi=6)[0]),
+                             logp[5], rtol=1e-6)
+  greedy = np.asarray(S.log_probs(logits, S.GREEDY, lo=0, hi=5))[0]
+  np.testing.assert_array_equal(greedy, [0.0] + [-np.inf] * 6)

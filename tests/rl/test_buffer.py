@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from ernie5_jax.rl import buffer as buffer_lib
 from ernie5_jax.rl.buffer import ReplayBuffer
 
 G = 3
@@ -152,3 +153,32 @@ def test_errors():
     buf.start_iteration([1.5], drop_pending=True)
   with pytest.raises(ValueError, match="group_size=0"):
     ReplayBuffer(0)
+
+
+def test_out_of_order_completion_biases_train_as_completed_not_the_buffer():
+  """Rollouts of variable length finish out of order (continuous batching simulation):
+  training on the groups that complete first over-represents short responses; the
+  unbiased replay buffer releases the fixed order's prefix, whatever finishes first."""
+  rng = np.random.default_rng(0)
+  groups, g, batch = 64, 4, 16
+  fast, urb, population = [], [], []
+  for _ in range(200):
+    mean = rng.integers(1, 33, size=(groups, 1))  # per-prompt difficulty: response length
+    lengths = np.maximum(1, mean + rng.integers(-2, 3, size=(groups, g)))
+    events = buffer_lib.completion_events(lengths, workers=groups * g)  # one engine batch
+    assert sorted(events) == [(a, b) for a in range(groups) for b in range(g)]
+    order = list(rng.permutation(groups))  # the iteration's fixed order
+    chosen = buffer_lib.first_completed_groups(events, g, batch)
+    released = buffer_lib.released_groups(events, g, batch, order)
+    assert released == order[:batch]  # the prefix, not what finished first
+    fast.append(lengths[chosen].mean())
+    urb.append(lengths[released].mean())
+    population.append(lengths.mean())
+  assert np.mean(fast) < 0.6 * np.mean(population)  # short responses over-represented
+  assert abs(np.mean(urb) - np.mean(population)) < 0.05 * np.mean(population)  # ~3 s.e.
+  # Whatever the engine's width, the first event is a shortest-finishing rollout.
+  lengths = np.array([[5, 1], [3, 4]])
+  assert buffer_lib.completion_events(lengths, workers=4)[0] == (0, 1)
+  assert buffer_lib.completion_events(lengths, workers=1) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+  with pytest.raises(ValueError, match=r"lengths of shape \(4,\) is not accepted"):
+    buffer_lib.completion_events(np.ones(4), workers=2)

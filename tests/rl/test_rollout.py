@@ -8,8 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from ernie5_jax import config as config_lib
+from ernie5_jax.generate import sampling as sampling_lib
 from ernie5_jax.generate.sampling import Sampling
 from ernie5_jax.input_pipeline import sequence as seq_lib
 from ernie5_jax.model import apply_variant
@@ -116,6 +118,41 @@ def test_text_infer_equals_train_logprobs(text, text_train):
       text.expert_ids >= 0) + np.asarray(aux["expert_ids"]) * (text.expert_ids < 0))
 
 
+def test_behaviour_logprobs_are_the_samplers_distribution(model, decoders):
+  """infer_logprobs are log-probs of what the sampler drew from (text range, temperature,
+  top-p), not of the full-vocabulary model distribution (f32 engine: same logits)."""
+  sampling = Sampling(temperature=0.7, top_p=0.8)
+  rolls = rollout_lib.rollout(model, _prompts("text"), group_size=G, max_new_tokens=MAX_NEW,
+                              sampling=sampling, rng=jax.random.key(5), layout=LAYOUT,
+                              decoders=decoders)
+  fields = {k: jnp.asarray(v) for k, v in rolls.fields().items()}
+  logits, _ = nnx.jit(lambda m, f, r: m(f["tokens"], f["positions"], f["segment_ids"],
+                                         f["group_ids"], f["audio_codes"], routing_replay=r))(
+      model, fields, jnp.asarray(rolls.expert_ids))
+  on = rolls.response_mask > 0
+  want = np.asarray(sampling_lib.token_log_probs(logits, fields["targets"], sampling,
+                                                 lo=fields["sample_lo"], hi=fields["sample_hi"]))
+  np.testing.assert_allclose(rolls.infer_logprobs[on], want[on], atol=1e-4, rtol=1e-4)
+  np.testing.assert_array_equal(rolls.sample_hi[on], LAYOUT.text_size)
+  full_vocab = np.asarray(jnp.take_along_axis(jax.nn.log_softmax(logits, -1),
+                                              fields["targets"][..., None], -1)[..., 0])
+  assert np.abs(full_vocab[on] - rolls.infer_logprobs[on]).mean() > 0.1  # the old quantity
+  # The training policy: the same range and temperature (no top-p), so its ratio to the
+  # behaviour one is exp of the nucleus' log-mass, <= 1 ... and 1 at top_p = 1.
+  train, _ = rollout_lib.train_logprobs(model, rolls, replay=True, temperature=0.7)
+  assert np.all(np.asarray(train)[on] <= rolls.infer_logprobs[on] + 1e-5)
+
+
+def test_fp8_rollout_weights_are_per_tensor_scaled():
+  w = jnp.asarray(np.random.default_rng(0).normal(size=(64, 32)) * 1e3, jnp.float32)
+  q = np.asarray(rollout_lib.quantize(w, jnp.float8_e4m3fn))
+  assert np.abs(q).max() <= np.abs(np.asarray(w)).max() * 1.0001  # no overflow to inf/nan
+  rel = np.abs(q - np.asarray(w)) / np.maximum(np.abs(np.asarray(w)), 1e2)
+  assert rel.max() < 0.07 and 0 < np.mean(q != np.asarray(w))  # e4m3: 3 mantissa bits
+  unscaled = np.asarray(w.astype(jnp.float8_e4m3fn).astype(jnp.float32))
+  assert not np.isfinite(unscaled).all() or np.abs(unscaled).max() <= 448  # why the scale
+
+
 def test_cached_decode_records_the_forward_routing(model, text):
   """Cached decode's expert ids == the full forward's ids at every recorded position."""
   _, aux = rollout_lib.train_logprobs(model, text, replay=False)
@@ -215,7 +252,8 @@ def test_submodel_rollout_and_replay(model, decoders):
                            rolls.expert_ids[recorded]))
   print(f"\nsub-model {sub} rollout vs full f32 train: routing disagreement off={disagree:.3f}; "
         f"KL (k1, k3) off={kl_off} on={kl_on}")
-  assert disagree > 0 and abs(kl_on[1]) < 1e-3 * kl_off[1]
+  # k1: on the sampled text range the k3 of this tiny model is at float noise on both sides.
+  assert disagree > 0 and abs(kl_on[0]) < 1e-3 * kl_off[0]
 
 
 def test_decoder_cache_compiles_each_step_once(model, decoders, text):
