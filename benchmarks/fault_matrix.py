@@ -162,17 +162,20 @@ def faults(env, root, finished) -> list[dict]:
         lost=f"{NUM_STEPS - _resumed(tr)} steps (only the corrupt one)")
 
   w = os.path.join(root, "concurrent")
-  first = subprocess.Popen(_cmd(w), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
-  while not os.path.exists(os.path.join(w, ".lock")):
+  first = subprocess.Popen(_cmd(w, "--config.train.num_steps=4000"), cwd=REPO, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  while not _steps(w):  # The first run is training (and holds the lock).
     time.sleep(0.1)
-  time.sleep(1)
-  second = _run(env, w, "--config.optimizer.learning_rate=1e-3")
+  second = _run(env, w, "--config.optimizer.learning_rate=1e-3",
+                "--config.train.num_steps=4000")
+  alive = first.poll() is None
+  first.send_signal(signal.SIGKILL)
   first.wait()
   with open(os.path.join(w, "config.json")) as f:
     lr = json.load(f)["optimizer"]["learning_rate"]
   row("second run on a live workdir (other learning rate)", second,
-      f"refused; the first finished (exit {first.returncode}), config.json keeps its lr={lr}")
+      ("refused" if second.returncode == 2 else "NOT refused") +
+      f"; the first was {'still training' if alive else 'GONE'}; config.json keeps lr={lr}")
 
   for fault, extra in (("resume with another global batch size",
                         ["--config.data.global_batch_size=8"]),

@@ -205,14 +205,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                      lambda: state_lib.init_train_state(create, tx)[1],
                                      run=checkpoint.run_record(config))
   start_step = int(state.step)
-  if jax.process_index() == 0:  # Once the state fits config: jobs read the run's family.
-    store.save_config(config, workdir)
   if start_step >= t.num_steps:
     logging.info("Nothing to do: the checkpoint at step %d already reached "
                  "config.train.num_steps=%d.", start_step, t.num_steps)
     manager.close()
     writer.close()
     return state
+  if jax.process_index() == 0:  # Once the state fits config: jobs read the run's family.
+    store.save_config(config, workdir)
 
   # --- step ----------------------------------------------------------------
   label_prior = np.bincount(train["label"][labelled], minlength=config.model.num_classes)

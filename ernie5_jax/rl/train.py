@@ -311,13 +311,13 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str) -> tuple[TrainStat
   else:
     state, rl_state = state_lib.init_train_state(create, tx)[1], RLState()
     logging.warning("RL starts from a random model (train.init_from is empty).")
-  store.save_config(config, workdir)  # Once the state fits config (a failed resume keeps it).
   if rl_state.iteration >= rl.iterations:
     logging.info("Nothing to do: iteration %d >= rl.iterations=%d.", rl_state.iteration,
                  rl.iterations)
     manager.close()
     writer.close()
     return state, rl_state
+  store.save_config(config, workdir)  # Once the state fits config (a failed resume keeps it).
 
   # --- input (prompts of a fixed length per family, the verifiers' context) -
   context = verifiers.make_context(config, classifier="caption_image" in rl.families)

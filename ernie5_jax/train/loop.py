@@ -69,16 +69,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
   run = checkpoint.run_record(config)
   state = checkpoint.restore_or_init(manager, abstract, data_iter, init, run=run)
   start_step = int(state.step)
-  # Only now, with the state restored or initialised against config: a resume that fails
-  # (another d_model, another data stream) leaves the run's config.json as it was.
-  if jax.process_index() == 0:  # Eval/export jobs rebuild the model from it (restore_model).
-    store.save_config(config, workdir)
   if start_step >= t.num_steps:
     logging.info("Nothing to do: the checkpoint at step %d already reached "
                  "config.train.num_steps=%d.", start_step, t.num_steps)
     manager.close()
     writer.close()
     return state
+  # Only now, with the state restored or initialised against config and steps to train: a
+  # resume that fails (another d_model, another data stream), or a rerun of a finished run,
+  # leaves the run's config.json as it was.
+  if jax.process_index() == 0:  # Eval/export jobs rebuild the model from it (restore_model).
+    store.save_config(config, workdir)
   if start_step == 0:
     writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
                           for k, v in _flatten(config.to_dict()).items()})
