@@ -1,6 +1,8 @@
 """Elastic-vs-static ablation table (issue #5) from two eval-job family reports.
 
   python benchmarks/elastic_ablation.py workdirs/abl_elastic/eval workdirs/abl_static/eval
+  python benchmarks/elastic_ablation.py workdirs/abl_paper/eval workdirs/abl_static/eval_paper \
+      --name=elastic_ablation_paper     # elastic.scheme="paper" (docs/elastic.md)
 
 The arguments are the eval job's output dirs (or their family_report.json) of
 experiments/elastic_ablation.py and experiments/elastic_ablation_static.py (commands in
@@ -31,6 +33,9 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("elastic", help="eval dir (or family_report.json) of the elastic run")
   parser.add_argument("static", help="eval dir (or family_report.json) of the static run")
+  parser.add_argument("--name", default="elastic_ablation",
+                      help="results file stem, e.g. elastic_ablation_paper for the 'paper' "
+                           "scheme (benchmarks/results/<name>.json / .md)")
   args = parser.parse_args()
   result = compare(load_report(args.elastic), load_report(args.static))
   table = markdown(result)
@@ -39,8 +44,8 @@ def main() -> None:
         " (target <= +1%)")
   print(f"sub-models beating the static truncation: {result['submodels_beating_truncation']}"
         f" / {result['submodels']}")
-  write_json(result, "elastic_ablation")
-  (RESULTS / "elastic_ablation.md").write_text(table + "\n")
+  write_json(result, args.name)
+  (RESULTS / f"{args.name}.md").write_text(table + "\n")
 
 
 if __name__ == "__main__":

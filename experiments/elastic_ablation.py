@@ -8,6 +8,16 @@
   python -m ernie5_jax.main --mode=eval --checkpoint=workdirs/abl_static \
       --workdir=workdirs/abl_static/eval
   python benchmarks/elastic_ablation.py workdirs/abl_elastic/eval workdirs/abl_static/eval
+  # elastic.scheme="paper" (random expert subsets / interior layers; docs/elastic.md), and
+  # the static run evaluated with the same load-ranked experts:
+  python -m ernie5_jax.main --config=experiments/elastic_ablation.py \
+      --config.elastic.scheme=paper --workdir=workdirs/abl_paper
+  python -m ernie5_jax.main --mode=eval --checkpoint=workdirs/abl_paper \
+      --workdir=workdirs/abl_paper/eval
+  python -m ernie5_jax.main --mode=eval --checkpoint=workdirs/abl_static \
+      --workdir=workdirs/abl_static/eval_paper --config.elastic.scheme=paper
+  python benchmarks/elastic_ablation.py workdirs/abl_paper/eval \
+      workdirs/abl_static/eval_paper --name=elastic_ablation_paper
 
 Both runs see the same data, batch, steps and learning-rate schedule; the only difference
 is config.elastic.enabled (ERNIE 5.0 defaults: each step trains the full model and one
