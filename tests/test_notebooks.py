@@ -20,7 +20,8 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 MARKERS = {"elastic_family.ipynb": "sub-models beating the static truncation",
            "quickstart.ipynb": "exported depth=2,experts=4,top_k=1",
            "routing_analysis.ipynb": "entropy text:",
-           "m2cp.ipynb": "point->view retrieval precision"}
+           "m2cp.ipynb": "point->view retrieval precision",
+           "ernie45_import.ipynb": "exported sub-model"}
 CI_STEPS = "3"
 
 
