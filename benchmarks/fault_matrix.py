@@ -91,12 +91,40 @@ def _resumed(proc) -> int:
   return int(m.group(1)) if m else 0
 
 
+def _kill_moment(proc, workdir, rng) -> str:
+  """Waits for a random kill moment of a running invocation; returns what it was.
+
+  One kill in five lands in start-up or the first compile (a random 0.5-10 s); the others when
+  the run has committed a random later step, plus up to 0.6 s: inside training steps and
+  inside asynchronous checkpoint writes.
+  """
+  if rng.random() < 0.2:
+    delay = rng.uniform(0.5, 10.0)
+    time.sleep(delay)
+    return f"after {delay:.1f} s"
+  start = max(_steps(workdir) or [0])
+  target = rng.randrange(start + 4, NUM_STEPS + 1, 4) if start < NUM_STEPS else NUM_STEPS
+  while proc.poll() is None and max(_steps(workdir) or [0]) < target:
+    time.sleep(0.02)
+  time.sleep(rng.uniform(0.0, 0.6))
+  return f"after step {target} committed"
+
+
+def _resume_step(text: str) -> int | None:
+  """The step a run's log says it resumed from (0: initialised); None if it got no further."""
+  m = re.search(r"Resumed from the checkpoint at step (\d+)", text)
+  if m:
+    return int(m.group(1))
+  return 0 if "Initialised a new model" in text else None
+
+
 def kills(env, root, reference, n, rng, per_run=4) -> list[dict]:
-  """SIGKILLs runs at n random moments, per_run kills per run, each followed by a restart that
-  resumes; each run is finished uninterrupted and its end compared bit for bit."""
-  t0 = time.monotonic()
-  _run(env, os.path.join(root, "calibrate"))  # How long one uninterrupted invocation takes.
-  full_run = time.monotonic() - t0
+  """SIGKILLs runs at n random moments (_kill_moment), per_run per run, each followed by a
+  restart; each run is then finished uninterrupted and its end compared bit for bit.
+
+  lost_steps: the newest committed step at the kill minus the step the next invocation that
+  got that far resumed from (an invocation killed before restoring is skipped over).
+  """
   rows = []
   while len(rows) < n:
     workdir = os.path.join(root, f"killed{len(rows)}")
@@ -106,17 +134,20 @@ def kills(env, root, reference, n, rng, per_run=4) -> list[dict]:
       with open(logs[-1], "w") as log:
         proc = subprocess.Popen(_cmd(workdir), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                 stderr=log)
-        delay = rng.uniform(0.5, full_run)
-        time.sleep(delay)
+        moment = _kill_moment(proc, workdir, rng)
+        finished = proc.poll() is not None
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-      chain.append({"kill_after_s": round(delay, 2), "committed_at_kill": _steps(workdir)})
+      ckpts = os.path.join(workdir, "checkpoints")
+      writing = os.path.isdir(ckpts) and any("tmp" in d for d in os.listdir(ckpts))
+      chain.append({"moment": moment, "process_had_exited": finished,
+                    "committed_at_kill": _steps(workdir), "inside_a_checkpoint_write": writing})
     final = _run(env, workdir)
-    resumes = [open(l).read() for l in logs[1:]] + [final.stderr]
-    for kill, text in zip(chain, resumes):
-      m = re.search(r"Resumed from the checkpoint at step (\d+)", text)
-      kill["resumed_from"] = int(m.group(1)) if m else 0
-      kill["lost_steps"] = max(kill["committed_at_kill"] or [0]) - kill["resumed_from"]
+    later = [open(l).read() for l in logs[1:]] + [final.stderr]
+    for i, kill in enumerate(chain):
+      resumed = next((r for r in map(_resume_step, later[i:]) if r is not None), None)
+      kill["resumed_from"] = resumed
+      kill["lost_steps"] = max(kill["committed_at_kill"] or [0]) - (resumed or 0)
     identical = final.returncode == 0 and _same(_params(workdir, NUM_STEPS), reference)
     for kill in chain:
       kill.update(final_exit=final.returncode, identical=identical)
@@ -243,7 +274,10 @@ def main() -> None:
   kill_rows = kills(env, root, want, args.kills, random.Random(args.seed))
   identical = sum(r["identical"] for r in kill_rows)
   lost = sum(r["lost_steps"] for r in kill_rows)
-  print(f"| SIGKILL at {len(kill_rows)} random moments (then restart) | {identical}/"
+  writes = sum(r["inside_a_checkpoint_write"] for r in kill_rows)
+  early = sum(r["moment"].endswith(" s") for r in kill_rows)
+  print(f"| SIGKILL at {len(kill_rows)} random moments ({early} in start-up/compile, {writes} "
+        f"inside a checkpoint write), each followed by a restart | {identical}/"
         f"{len(kill_rows)} final states bit-identical to the uninterrupted run | {lost} committed "
         f"steps lost | final runs exit {sorted({r['final_exit'] for r in kill_rows})} |")
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
