@@ -46,6 +46,9 @@ def test_notebook_runs(path, notebook_workdir, monkeypatch):
   nb = nbformat.read(path, as_version=4)
   monkeypatch.setenv("ERNIE5_NOTEBOOK_STEPS", CI_STEPS)
   monkeypatch.setenv("ERNIE5_NOTEBOOK_WORKDIR", notebook_workdir)
+  # XLA's persistent cache, shared by the notebooks' kernels: the tiny model's programs
+  # (train step, eval sums, routing) recur across notebooks and across the eval job's calls.
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", os.path.join(notebook_workdir, "jax_cache"))
   # The notebook's directory as its cwd, as Jupyter or Colab opens it.
   client = NotebookClient(nb, timeout=900, kernel_name="python3",
                           resources={"metadata": {"path": str(ROOT / "notebooks")}})
