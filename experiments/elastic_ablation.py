@@ -14,8 +14,9 @@
       --config.elastic.scheme=paper --workdir=workdirs/abl_paper
   python -m ernie5_jax.main --mode=eval --checkpoint=workdirs/abl_paper \
       --workdir=workdirs/abl_paper/eval
-  python -m ernie5_jax.main --mode=eval --checkpoint=workdirs/abl_static \
-      --workdir=workdirs/abl_static/eval_paper --config.elastic.scheme=paper
+  python -m ernie5_jax.main --mode=eval --config=experiments/elastic_ablation_static.py \
+      --checkpoint=workdirs/abl_static --workdir=workdirs/abl_static/eval_paper \
+      --config.elastic.scheme=paper
   python benchmarks/elastic_ablation.py workdirs/abl_paper/eval \
       workdirs/abl_static/eval_paper --name=elastic_ablation_paper
 

@@ -59,7 +59,10 @@ def top_p_filter(logits: jax.Array, top_p: jax.Array | float) -> jax.Array:
 def _scaled(restricted: jax.Array, sampling: Sampling) -> jax.Array:
   """The logits [..., V] sampling draws from: / temperature, then the top-p nucleus."""
   temperature = jnp.maximum(jnp.asarray(sampling.temperature, jnp.float32), 1e-6)
-  return top_p_filter(restricted / temperature, sampling.top_p)
+  scaled = restricted / temperature
+  # top_p = 1 keeps every id: the float32 cumsum can reach 1 before the tail and cut it.
+  return jnp.where(jnp.asarray(sampling.top_p) < 1, top_p_filter(scaled, sampling.top_p),
+                   scaled)
 
 
 def log_probs(logits: jax.Array, sampling: Sampling, *, lo: jax.Array | int = 0,

@@ -390,4 +390,4 @@ def train_logprobs(model: nnx.Module, rollouts: Rollouts, *, replay: bool,
   fields = {k: jnp.asarray(v) for k, v in rollouts.fields().items()}
   replay_ids = jnp.asarray(rollouts.expert_ids, jnp.int32) if replay else None
   logp, aux = _jit_logprobs(model, fields, replay_ids, temperature=temperature)
-  return logp * jnp.asarray(rollouts.response_mask), aux
+  return jnp.where(jnp.asarray(rollouts.response_mask) > 0, logp, 0.0), aux

@@ -84,3 +84,11 @@ def test_log_probs_are_the_distribution_sample_draws_from():
                              logp[5], rtol=1e-6)
   greedy = np.asarray(S.log_probs(logits, S.GREEDY, lo=0, hi=5))[0]
   np.testing.assert_array_equal(greedy, [0.0] + [-np.inf] * 6)
+
+
+def test_top_p_one_keeps_the_whole_tail():
+  """At top_p = 1 no id is cut, even where the float32 cumulative mass reaches 1 early."""
+  logits = jnp.asarray([[30.0, 0.0, -5.0, -40.0]])  # the tail's mass is below float32's ulp
+  logp = np.asarray(S.log_probs(logits, S.Sampling(temperature=1.0, top_p=1.0)))
+  assert np.isfinite(logp).all()
+  np.testing.assert_allclose(logp, np.asarray(jax.nn.log_softmax(logits)), rtol=1e-6)
