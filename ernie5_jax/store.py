@@ -34,7 +34,7 @@ from ernie5_jax.model import create_model
 CHECKPOINT_SUBDIR = "checkpoints"
 CONFIG_FILE = "config.json"  # The resolved config, next to checkpoints/ (or an export's model/).
 MODEL_ITEM = "model"  # The checkpoint item holding nnx.state(model).
-_MAX_REPORTED = 5  # Mismatched paths listed in one error.
+_MAX_REPORTED = 3  # Mismatched paths listed in one error.
 
 
 class WorkdirError(OSError):
@@ -100,12 +100,13 @@ def shape_problems(item: str, saved_tree, wanted_tree) -> list[str]:
 def raise_mismatch(where, problems: list[str]) -> None:
   """Raises CheckpointMismatchError listing (the first few of) problems, if any."""
   if problems:
-    more = f"\n  ... and {len(problems) - _MAX_REPORTED} more" if len(
+    more = f"; ... and {len(problems) - _MAX_REPORTED} more" if len(
         problems) > _MAX_REPORTED else ""
-    raise CheckpointMismatchError(
+    raise CheckpointMismatchError(  # One line: the CLI's error is its last line.
         f"checkpoint {where} does not match the model built from the config "
-        f"({len(problems)} mismatched arrays); nothing was restored:\n  "
-        + "\n  ".join(problems[:_MAX_REPORTED]) + more)
+        f"({len(problems)} mismatched arrays; nothing was restored): "
+        + "; ".join(problems[:_MAX_REPORTED]) + more + ": use the config it was trained "
+        "with (its config.json), or a new --workdir to train another model")
 
 
 _EXPECTED = ("expected a training workdir (holding checkpoints/<step>/model/), its "
