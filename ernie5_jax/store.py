@@ -265,7 +265,7 @@ def require_lm(config: ml_collections.ConfigDict, where) -> None:
         "trainer (python -m ernie5_jax.main --config=experiments/m2cp_shapes.py ...)")
 
 
-def _error_line(error: BaseException) -> str:
+def error_line(error: BaseException) -> str:
   """The first line of an exception's message, with its type (orbax errors run long)."""
   text = str(error).strip().splitlines()
   first = text[0].split(" See full TensorStore details")[0] if text else ""
@@ -283,7 +283,7 @@ def corrupt_error(loc: CheckpointLocation, error: BaseException) -> CheckpointCo
           if older else "it is the only checkpoint there: restore it from a copy or retrain")
   step = "" if loc.step is None else f"step {loc.step} "
   return CheckpointCorruptError(f"checkpoint {step}at {loc.model_dir} is corrupt or incomplete "
-                                f"({_error_line(error)}): {hint}")
+                                f"({error_line(error)}): {hint}")
 
 
 def resolve_config(loc: CheckpointLocation, config: ml_collections.ConfigDict | None,

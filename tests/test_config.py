@@ -57,7 +57,12 @@ def test_validate_names_the_field(field, value, message):
 def test_head_width_need_not_equal_d_model():
   config = config_lib.default_config()  # ERNIE 4.5 0.3B: 16 heads * 128 = 2048 != 1024.
   config.model.update(d_model=64, num_heads=4, head_dim=32, rope_sections=(16, 0, 0))
-  config_lib.validate(config)
+  config_lib.validate(config)  # Accepted: no ConfigError.
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from ernie5_jax.model import create_model  # pylint: disable=g-import-not-at-top
+  model = nnx.eval_shape(lambda: create_model(config))  # Shapes only: nothing compiles.
+  wq = [v for p, v in nnx.state(model, nnx.Param).flat_state() if p[-1] == "wq"]
+  assert wq and all(w.value.shape[-3:] == (64, 4, 32) for w in wq)  # 4 x 32 = 128 != 64.
 
 
 def test_cli_unknown_key_names_the_flag_and_suggests_the_field():

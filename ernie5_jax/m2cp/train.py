@@ -201,9 +201,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   graphdef, abstract = state_lib.abstract_train_state(create, tx)
   manager = checkpoint.create_manager(workdir, keep=t.keep_checkpoints,
                                       async_save=t.async_checkpoints)
+  run = checkpoint.run_record(config)  # What each checkpoint records of this run.
   state = checkpoint.restore_or_init(manager, abstract, data_iter,
                                      lambda: state_lib.init_train_state(create, tx)[1],
-                                     run=checkpoint.run_record(config))
+                                     run=run)
   start_step = int(state.step)
   if start_step >= t.num_steps:
     logging.info("Nothing to do: the checkpoint at step %d already reached "
@@ -253,7 +254,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           _write_eval(workdir, step, result)
       if is_save:
         with report.timed("checkpoint", wait_jax_async_dispatch=False):
-          checkpoint.save(manager, state, data_iter, run=checkpoint.run_record(config))
+          checkpoint.save(manager, state, data_iter, run=run)
   finally:
     manager.wait_until_finished()
     manager.close()

@@ -189,7 +189,7 @@ class write_errors:  # pylint: disable=invalid-name  (used as a context manager)
     last = (f"the last good checkpoint is step {good[-1]} ({directory / str(good[-1])}), where a "
             "restart resumes" if good else "there is no good checkpoint yet")
     cause = ("no space left on device" if is_out_of_space(error)
-             else store._error_line(error))  # pylint: disable=protected-access
+             else store.error_line(error))
     fix = ("free space on (or move) --workdir, then run again" if is_out_of_space(error)
            else "fix the cause, then run again")
     raise CheckpointWriteError(
@@ -240,7 +240,7 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract: TrainStat
     metadata = manager.item_metadata(step)
     saved = manager.restore(step, args=ocp.args.Composite(step=ocp.args.JsonRestore()))["step"]
   except Exception as e:  # pylint: disable=broad-except  (unreadable metadata or step JSON)
-    raise CheckpointCorruptError(f"{where}: {store._error_line(e)}") from e  # pylint: disable=protected-access
+    raise CheckpointCorruptError(f"{where}: {store.error_line(e)}") from e
   if not metadata.get("model") or not metadata.get("optimizer"):
     raise CheckpointCorruptError(f"{where}: its array metadata is missing or unreadable")
   target = abstract.to_checkpoint()
@@ -256,7 +256,7 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract: TrainStat
   try:
     restored = manager.restore(step, args=ocp.args.Composite(**args))
   except Exception as e:  # pylint: disable=broad-except  (truncated array or iterator files)
-    raise CheckpointCorruptError(f"{where}: {store._error_line(e)}") from e  # pylint: disable=protected-access
+    raise CheckpointCorruptError(f"{where}: {store.error_line(e)}") from e
   if saved.get("checkpoint", saved["step"]) != step:
     raise CheckpointMismatchError(f"checkpoint {where} holds step={saved}, expected {step}")
   _log_new_length(step, saved, run)
