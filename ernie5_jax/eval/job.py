@@ -103,8 +103,7 @@ def make_loss_sums(model: nnx.Module):
     hidden, _ = m.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"],
                                 batch["group_ids"], batch.get("audio_codes"), elastic=masks)
     logits = m.logits(hidden)  # [batch, seq, vocab] float32
-    ce = objective.cross_entropy(logits, batch["targets"])  # [batch, seq]
-    hit = objective.correct(logits, batch["targets"])
+    ce, hit = objective.cross_entropy_and_hit(logits, batch["targets"])  # [batch, seq] each
     weight = batch["loss_mask"][..., None] * (
         batch["modality"][..., None] == jnp.arange(len(MODALITIES)))  # [batch, seq, M]
     return {"loss": jnp.einsum("bs,bsm->m", ce, weight),

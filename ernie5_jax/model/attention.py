@@ -5,12 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from ernie5_jax.model import rope
 from ernie5_jax.model.kv_cache import LayerCache
-from ernie5_jax.model.layers import fan_in_init, param
+from ernie5_jax.model.layers import fan_in_init, matmul, param
 from ernie5_jax.ops import attention as attention_ops
 
 
@@ -42,14 +41,14 @@ class Attention(nnx.Module):
     """
     x = x.astype(self.dtype)
     w = lambda p: p[...].astype(self.dtype)
-    q = jnp.einsum("BSD,DHK->BSHK", x, w(self.wq))  # [batch, seq, q_heads, head_dim]
-    k = jnp.einsum("BSD,DHK->BSHK", x, w(self.wk))  # [batch, seq, kv_heads, head_dim]
-    v = jnp.einsum("BSD,DHK->BSHK", x, w(self.wv))  # [batch, seq, kv_heads, head_dim]
+    q = matmul(x, w(self.wq))  # [batch, seq, q_heads, head_dim]
+    k = matmul(x, w(self.wk))  # [batch, seq, kv_heads, head_dim]
+    v = matmul(x, w(self.wv))  # [batch, seq, kv_heads, head_dim]
     return rope.apply_rope(q, angles), rope.apply_rope(k, angles), v
 
   def project_out(self, out: jax.Array) -> jax.Array:
     """Per-head outputs [batch, seq, q_heads, head_dim] -> [batch, seq, embed]."""
-    return jnp.einsum("BSHK,HKD->BSD", out, self.wo[...].astype(self.dtype))
+    return matmul(out, self.wo[...].astype(self.dtype), contract=2)  # [batch, seq, embed]
 
   def __call__(self, x: jax.Array, angles: jax.Array, segment_ids: jax.Array,
                group_ids: jax.Array, *, cache: LayerCache | None = None

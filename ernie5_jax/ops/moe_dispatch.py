@@ -3,17 +3,17 @@
 SwiGLU_e(x) = (silu(x W_gate[e]) * (x W_up[e])) W_down[e]  (Shazeer 2020, arXiv 2002.05202).
 
 Backends (`backend=`; "auto" is resolved by ops.backend.resolve_moe_backend):
-- "gather": dropless, the fast CPU path (ops/moe_slots.py): assignments sorted
-  by expert into a padded [E, C0, D] layout for batched einsums, the overflow of
-  the busiest experts in a few gathered-weight tiles, and any rest (skewed
-  routing) under a `lax.cond`: exact for any routing.
+- "gather": dropless, the fast CPU path (ops/moe_windows.py): assignments sorted
+  by expert, a loop over windows of each expert's rows (as many as the routing
+  needs) with the expert's weights: exact for any routing, padding < one window
+  per busy expert.
 - "ragged_dot": dropless; sort by expert, `jax.lax.ragged_dot` grouped matmuls,
   unsort (the XLA path for GPU/TPU; ~30-70x slower than dense on CPU).
 - "pallas": dropless; the same sort / unsort around `pallas_kernels.grouped_matmul`
   (Mosaic on TPU, Triton on GPU, interpret mode on CPU: see ops/backend.py).
 - "capacity": token dropping with C = ceil(capacity_factor * T*K / E) rows per
   expert (GShard, arXiv 2006.16668; Switch, arXiv 2101.03961): assignments past
-  C, in token order, contribute 0. For comparison.
+  C, in token order, contribute 0 (the "gather" windows over ranks < C). For comparison.
 Under an active layout (sharding.use_layout) the dispatch runs per device inside
 `jax.shard_map` (ops/moe_expert_parallel.py): where the layout splits the experts, tokens
 travel to their experts by all-to-all and each device runs the backend above on its own
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 import pallas_kernels
 from ernie5_jax import sharding
-from ernie5_jax.ops import moe_expert_parallel, moe_slots
+from ernie5_jax.ops import moe_expert_parallel, moe_windows
 from ernie5_jax.ops.backend import pallas_interpret, ragged_exchange, resolve_moe_backend
 
 
@@ -85,19 +85,20 @@ def _single_device_ffn(x, expert_ids, combine_weights, w_gate, w_up, w_down, *, 
   w_gate, w_up, w_down = (w.astype(dtype) for w in (w_gate, w_up, w_down))
   weights = combine_weights.astype(dtype).reshape(-1)  # [N], n = t*K + k
   num_experts = w_gate.shape[0]
-  asg = moe_slots.sort_assignments(expert_ids, num_experts)
+  asg = moe_windows.sort_assignments(expert_ids, num_experts)
   num_assignments = weights.shape[0]
   if backend == "ragged_dot":
     return _grouped_ffn(jax.lax.ragged_dot, x, weights, asg, w_gate, w_up, w_down)
   if backend == "pallas":
     gmm = functools.partial(pallas_kernels.grouped_matmul, interpret=pallas_interpret())
     return _grouped_ffn(gmm, x, weights, asg, w_gate, w_up, w_down)
+  capacity = None
   if backend == "capacity":
-    capacity = math.ceil(capacity_factor * num_assignments / num_experts)
-    plan = moe_slots.capacity_plan(min(num_assignments, max(1, capacity)))
-  else:
-    plan = moe_slots.dropless_plan(num_assignments, num_experts)
-  return moe_slots.routed_swiglu(plan, x, weights, asg, w_gate, w_up, w_down)
+    capacity = max(1, math.ceil(capacity_factor * num_assignments / num_experts))
+  rows = moe_windows.window_rows(num_assignments, num_experts)
+  if capacity is not None:
+    rows = min(rows, -(-capacity // 8) * 8)
+  return moe_windows.routed_swiglu(rows, capacity, x, weights, asg, w_gate, w_up, w_down)
 
 
 def _check_shapes(x, expert_ids, combine_weights, w_gate, w_up, w_down):

@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from ernie5_jax.ops import moe_slots
+from ernie5_jax.ops import moe_windows
 
 LocalFFN = Callable[..., jax.Array]  # expert_ffn's single-device signature, backend bound.
 # jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
@@ -124,7 +124,7 @@ def _shard_body(*, num_shards: int, ep_axis, hidden_axes: tuple[str, ...],
     n = tokens * top_k
     rows = exchange_rows(n, num_shards, capacity_factor)  # C
     dest = expert_ids // local_experts  # [T_l, K] destination shard
-    asg = moe_slots.sort_assignments(dest, num_shards)  # by destination, token order kept
+    asg = moe_windows.sort_assignments(dest, num_shards)  # by destination, token order kept
     # 1. Send buffer: slot (d, c) holds the c-th assignment bound for shard d.
     c = jnp.arange(rows, dtype=jnp.int32)
     valid = c[None, :] < asg.counts[:, None]  # [n_shards, C]
@@ -209,7 +209,7 @@ def _ragged_body(*, num_shards: int, ep_axis, hidden_axes: tuple[str, ...],
     tokens, top_k = expert_ids.shape
     local_experts = w_gate.shape[0]
     n = tokens * top_k
-    asg = moe_slots.sort_assignments(expert_ids // local_experts, num_shards)
+    asg = moe_windows.sort_assignments(expert_ids // local_experts, num_shards)
     plan = ragged_plan(asg.counts,
                        lambda a: jax.lax.all_to_all(a, ep_axis, 0, 0, tiled=True))
     send = functools.partial(exchange, axis_name=ep_axis)

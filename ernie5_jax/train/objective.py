@@ -38,7 +38,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 
 from ernie5_jax.input_pipeline import MODALITIES
 from ernie5_jax.input_pipeline import sequence as seq_lib
@@ -52,14 +51,50 @@ def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+@jax.custom_vjp
+def _ce_and_hit(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(CE [...], hit [...]) of float32 logits [..., V]: one max and one exp-sum over V."""
+  return _ce_fwd(logits, labels)[0]
+
+
+def _ce_fwd(logits, labels):
+  top = jnp.max(logits, axis=-1)  # [...]
+  lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))
+  label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+  # A hit is a label logit equal to the maximum (an argmax over V would be a second pass).
+  hit = (label_logit >= top).astype(jnp.float32)
+  return (lse - label_logit, hit), (logits, labels, lse)
+
+
+def _ce_bwd(saved, cotangents):
+  logits, labels, lse = saved
+  d_ce, _ = cotangents  # the hit has no gradient
+  # d CE / d logits = softmax - one_hot(label): one pass over [..., V], then the -1 at each
+  # label as a scatter of one value per position (a one-hot would be a second [..., V] array).
+  d_logits = jnp.exp(logits - lse[..., None]) * d_ce[..., None]
+  vocab = logits.shape[-1]
+  flat = d_logits.reshape(-1, vocab)
+  rows = jnp.arange(flat.shape[0])
+  flat = flat.at[rows, labels.reshape(-1)].add(-d_ce.reshape(-1), indices_are_sorted=True,
+                                                 unique_indices=True)
+  return flat.reshape(logits.shape), None
+
+
+_ce_and_hit.defvjp(_ce_fwd, _ce_bwd)
+
+
+def cross_entropy_and_hit(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-position CE in float32 and top-1 hit (1.0 / 0.0): [..., V], [...] -> [...], [...].
+
+  A hit is a label whose logit equals the maximum: a tie for the top counts as a hit
+  (an argmax would pick the lowest id); with float32 logits ties are vanishingly rare.
+  """
+  return _ce_and_hit(logits.astype(jnp.float32), labels.astype(jnp.int32))
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Per-position CE in float32: logits [..., V], labels [...] -> [...]."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-
-
-def correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """1.0 where the top-1 prediction equals the label: [..., V], [...] -> [...] float32."""
-  return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+  return cross_entropy_and_hit(logits, labels)[0]
 
 
 def mtp_labels(batch: Batch, depth: int) -> tuple[jax.Array, jax.Array]:
@@ -98,8 +133,7 @@ def compute_loss(model: Any, batch: Batch, *, config: ml_collections.ConfigDict
                                     batch["group_ids"], audio_codes)  # [batch, seq, embed]
   logits = model.logits(hidden)  # [batch, seq, vocab] float32
   mask = batch["loss_mask"].astype(jnp.float32)  # [batch, seq]
-  ce = cross_entropy(logits, batch["targets"])  # [batch, seq]
-  hit = correct(logits, batch["targets"])
+  ce, hit = cross_entropy_and_hit(logits, batch["targets"])  # [batch, seq] each
   metrics: dict[str, jax.Array] = {"ce_loss": masked_mean(ce, mask)}
 
   masks = jnp.stack([mask * (batch["modality"] == m) for m in range(len(MODALITIES))])
@@ -119,10 +153,10 @@ def compute_loss(model: Any, batch: Batch, *, config: ml_collections.ConfigDict
     mtp_losses = []
     for depth, d_logits in enumerate(mtp_logits, start=1):
       labels, d_mask = mtp_labels(batch, depth)
-      d_loss = masked_mean(cross_entropy(d_logits, labels), d_mask)
+      d_ce, d_hit = cross_entropy_and_hit(d_logits, labels)
+      d_loss = masked_mean(d_ce, d_mask)
       mtp_losses.append(d_loss)
-      record(f"text_mtp{depth}", d_loss, masked_mean(correct(d_logits, labels), d_mask),
-             jnp.sum(d_mask))
+      record(f"text_mtp{depth}", d_loss, masked_mean(d_hit, d_mask), jnp.sum(d_mask))
     modality_loss[TEXT] = modality_loss[TEXT] + ob.mtp_weight * jnp.mean(jnp.stack(mtp_losses))
 
   # Audio: levels 2..K from the audio heads, teacher-forced on the target frame's codes.
@@ -134,7 +168,7 @@ def compute_loss(model: Any, batch: Batch, *, config: ml_collections.ConfigDict
       labels = audio_targets[..., 1:n + 1]  # [batch, seq, K - 1]
       l_mask = mask[..., None] * (labels >= 0)
       labels = jnp.maximum(labels, 0)
-      l_ce, l_hit = cross_entropy(level_logits, labels), correct(level_logits, labels)
+      l_ce, l_hit = cross_entropy_and_hit(level_logits, labels)
       audio = int(seq_lib.Modality.AUDIO)
       for i in range(n):
         l_loss = masked_mean(l_ce[..., i], l_mask[..., i])

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from ernie5_jax.config import MOE_DISPATCH_BACKENDS
-from ernie5_jax.ops import moe_slots
+from ernie5_jax.ops import moe_windows
 from ernie5_jax.ops.backend import resolve_moe_backend
 from ernie5_jax.ops.moe_dispatch import expert_ffn
 
-T, D, F, E, K = 32, 16, 8, 8, 2  # mean load 8: dropless bulk of 16 rows, 2 tail tiles of 8
+T, D, F, E, K = 32, 16, 8, 8, 2  # mean load 8: windows of 8 rows
 BACKENDS = ("gather", "ragged_dot", "capacity")  # "pallas" (interpret mode): its own test below
 
 
@@ -106,20 +106,26 @@ def test_pallas_backend_matches_reference(params, reference):
       _assert_close(g, g_ref, f"pallas/{routing}: d/d{name}")
 
 
-def test_dropless_plan_segments_cover_every_assignment_once():
-  # Bulk C0 = m + 2 sqrt(m) = 16 rows, 2 tail tiles of 8, then the leftover tiles.
-  plan = moe_slots.dropless_plan(T * K, E)
-  assert plan == moe_slots.Plan(bulk_rows=16, tail_rows=8, tail_groups=2, left_rows=8,
-                                left_groups=16)
+@pytest.mark.parametrize("capacity", [None, 5])
+def test_windows_cover_each_kept_assignment_once(capacity):
+  # W = 8 rows (window_rows(64, 8) = ceil(4 / 8) rounded up to 8).
+  rows = moe_windows.window_rows(T * K, E)
+  assert rows == 8
   for name, ids in ROUTINGS.items():
-    asg = moe_slots.sort_assignments(jnp.asarray(ids, jnp.int32), E)
-    bulk, tail, left = moe_slots._segments(plan, asg)
-    segments = [(False, 16, E, bulk), (True, 8, 2, tail), (True, 8, 16, left)]
-    held = sum(np.asarray(moe_slots._segment_maps(tiled, rows, groups, asg, *seg).member, int)
-               for tiled, rows, groups, seg in segments)
-    assert (held == 1).all(), name
-    assert bool(jnp.any(tail[1] > 0)) == (name in ("skewed", "worst_case_same_k_experts")), name
-    assert bool(jnp.any(left[1] > 0)) == (name == "worst_case_same_k_experts"), name
+    asg = moe_windows.sort_assignments(jnp.asarray(ids, jnp.int32), E)
+    win = moe_windows.windows(asg, rows, capacity)
+    counts = np.bincount(ids.reshape(-1), minlength=E)
+    kept = counts if capacity is None else np.minimum(counts, capacity)
+    assert int(win.num) == int(np.sum(-(-kept // rows))), name
+    covered = np.zeros(T * K, int)  # expert-sorted rows
+    for i in range(int(win.num)):
+      s, v, e = int(win.start[i]), int(win.valid[i]), int(win.expert[i])
+      assert 0 < v <= rows, name
+      covered[s:s + v] += 1
+      assert (np.sort(ids.reshape(-1))[s:s + v] == e).all(), name  # one expert per window
+    rank = np.asarray(asg.rank)[np.asarray(asg.order)]
+    expected = rank < (T * K if capacity is None else capacity)
+    np.testing.assert_array_equal(covered, expected.astype(int), err_msg=name)
 
 
 def _drop_rule(expert_ids, capacity):
