@@ -24,7 +24,8 @@ tokens/s are medians over the rounds; MFU is against each framework's own best f
   python benchmarks/compare_frameworks.py --preset=small --side_python=/work/side-venv/bin/python
   python benchmarks/compare_frameworks.py --preset=medium --rounds=3 --train_steps=2
 
-Writes benchmarks/results/compare_frameworks_<preset>.json and prints a markdown table.
+Writes benchmarks/results/compare_frameworks_<preset>.json and prints a markdown table
+(--skip_train: decode only, as benchmarks/decode_speed.py --preset runs it).
 """
 
 from __future__ import annotations
@@ -187,7 +188,7 @@ def stage(preset: str, out_dir: pathlib.Path) -> tuple:
   return config, logits
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
   """Runs the comparison (module docstring); returns the exit code."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", default="small")
@@ -201,10 +202,11 @@ def main() -> int:
   parser.add_argument("--decode_tokens", type=int, default=32)
   parser.add_argument("--decode_batches", default="1,8")
   parser.add_argument("--skip_decode", action="store_true")
+  parser.add_argument("--skip_train", action="store_true")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--prompts", default="", help=argparse.SUPPRESS)
   parser.add_argument("--out", default="")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   if args.worker:
     serve(JaxWorker(args.preset, args.prompts))
     return 0
@@ -255,13 +257,15 @@ def main() -> int:
         result["decode"][f"batch_{rows}"] = {
             name: {"tokens_per_sec": rows * args.decode_tokens / statistics.median(t),
                    "seconds": t} for name, t in times.items()}
-    first = {c.name: c.ask("train 2")["seconds"] for c in contenders}  # compiles
-    times = {c.name: [] for c in contenders}
-    for _ in range(args.rounds):
+    first, times = {}, {}
+    if not args.skip_train:
+      first = {c.name: c.ask("train 2")["seconds"] for c in contenders}  # compiles
+      times = {c.name: [] for c in contenders}
+      for _ in range(args.rounds):
+        for c in contenders:
+          times[c.name].append(c.ask(f"train {args.train_steps}")["seconds"])
       for c in contenders:
-        times[c.name].append(c.ask(f"train {args.train_steps}")["seconds"])
-    for c in contenders:
-      rates[c.name] = max(rates[c.name], c.ask("matmul")["flops_per_sec"])
+        rates[c.name] = max(rates[c.name], c.ask("matmul")["flops_per_sec"])
   finally:
     for c in contenders:
       c.close()
@@ -275,8 +279,8 @@ def main() -> int:
                              "first_2_steps_s": first[name], "matmul_flops_per_sec": rates[name],
                              "mfu": tps * flops_per_token / rates[name], "seconds": t}
   report(result)
-  out = pathlib.Path(args.out or ROOT / "benchmarks" / "results" /
-                     f"compare_frameworks_{args.preset}.json")
+  stem = f"compare_frameworks_{args.preset}" + ("_decode" if args.skip_train else "")
+  out = pathlib.Path(args.out or ROOT / "benchmarks" / "results" / f"{stem}.json")
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(result, indent=2) + "\n")
   print(f"wrote {out}")
@@ -287,6 +291,11 @@ def report(result: dict) -> None:
   """Prints the train and decode tables (markdown)."""
   names = result["contenders"]
   train = result["train"]
+  for key, rows in result.get("decode", {}).items():
+    print(f"decode {key}: " + ", ".join(f"{n} {rows[n]['tokens_per_sec']:,.0f} tok/s"
+                                        for n in names))
+  if not train:
+    return
   print(f"\ntrain step, preset {result['preset']} (batch {result['batch']} x seq "
         f"{result['seq_len']}, median of {result['rounds']} rounds):")
   print("| | " + " | ".join(names) + " |")
@@ -298,10 +307,8 @@ def report(result: dict) -> None:
   print("| first 2 steps (compile) s | " + " | ".join(f"{train[n]['first_2_steps_s']:.1f}"
                                                      for n in names) + " |")
   for name in names[1:]:
-    print(f"ernie5_jax / {name}: {train[names[0]]['tokens_per_sec'] / train[name]['tokens_per_sec']:.2f}x")
-  for key, rows in result.get("decode", {}).items():
-    print(f"decode {key}: " + ", ".join(f"{n} {rows[n]['tokens_per_sec']:,.0f} tok/s"
-                                        for n in names))
+    ratio = train[names[0]]["tokens_per_sec"] / train[name]["tokens_per_sec"]
+    print(f"ernie5_jax / {name}: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
   python benchmarks/decode_speed.py --checkpoint=workdirs/abl_elastic [--batch 8]
   python benchmarks/decode_speed.py --variant=S   # experiments/tiny.py resized, fresh init
+  python benchmarks/decode_speed.py --preset=small  # vs transformers' generate (side env)
 
 Each family member is cut out of the full model (elastic_export.export_submodel: its
 layers, its experts, its top-k) and decoded with the generation module's compiled text
@@ -9,6 +10,11 @@ step. Rounds alternate between the sub-models (compiles excluded) and the median
 tokens/s per sub-model is reported, with the speed-up of each over the full model; the
 issue #5 target is >= 1.2x for the half-top-k member. Writes
 benchmarks/results/decode_speed.json.
+
+--preset=small|medium instead compares the decode of one text-only model
+(benchmarks/presets.py) with `transformers`' generate (static KV cache) at batch 1 and 8,
+side by side in alternating rounds: benchmarks/compare_frameworks.py --skip_train (it needs
+the side environment with torch, --side_python).
 """
 
 from __future__ import annotations
@@ -44,7 +50,16 @@ def main() -> None:
   parser.add_argument("--new_tokens", type=int, default=64)
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--out", default=None)
+  parser.add_argument("--preset", default="", help="compare with transformers (docstring)")
+  parser.add_argument("--side_python", default="/work/side-venv/bin/python")
   args = parser.parse_args()
+  if args.preset:
+    from benchmarks import compare_frameworks  # pylint: disable=g-import-not-at-top
+    compare_frameworks.main([f"--preset={args.preset}", "--skip_train",
+                             f"--side_python={args.side_python}", f"--rounds={args.rounds}",
+                             f"--decode_tokens={args.new_tokens}",
+                             f"--out={args.out or ''}"])
+    return
 
   if args.checkpoint:
     config, model = store.restore_model(args.checkpoint)

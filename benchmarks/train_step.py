@@ -133,15 +133,16 @@ CONTAINERS = ("while", "conditional", "call")
 
 # (category, regexp on an op's metadata "op_name | innermost project frame"), first match wins.
 CATEGORIES = (
-    ("MoE experts (routed SwiGLU)", r"while/body/.*while/body|moe_windows\.py"),
+    ("MoE experts (routed SwiGLU)", r"while/body/.*while/body|moe_windows\.py|moe_slots\.py|"
+                                    r"g[cdf]{2},g[cdf]{2}->g"),
     ("optimizer (AdamW, clip, norms)", r"optax|optimizer\.py|global_norm|params_finite"),
     ("router bias / loss EMA update", r"update_router_bias"),
     ("MoE routing + sort", r"router\.py|moe_dispatch\.py|model/moe\.py"),
     ("attention (scores, softmax, mask)", r"ops/attention\.py"),
     ("attention projections + RoPE", r"model/attention\.py|rope\.py"),
-    ("output head + cross-entropy", r"objective\.py|tied_logits|OutputHead|logits"),
+    ("output head + cross-entropy", r"objective\.py|tied_logits|Embed\.attend|OutputHead|logits"),
     ("dense / shared SwiGLU", r"swiglu|MLP"),
-    ("norms, residuals, embedding", r"RMSNorm|Embed|decoder\.py|heads\.py"),
+    ("norms, residuals, embedding", r"RMSNorm|Embed\.__call__|decoder\.py|heads\.py"),
 )
 
 

@@ -32,7 +32,9 @@ from flax import nnx
 
 from ernie5_jax.generate import sampling as sampling_lib
 from ernie5_jax.generate.sampling import GREEDY, Sampling
+from ernie5_jax.model import decoder as decoder_lib
 from ernie5_jax.model import kv_cache as cache_lib
+from ernie5_jax.ops import backend as backend_lib
 from ernie5_jax.model.elastic import ElasticMasks
 from ernie5_jax.model.kv_cache import KVCache
 
@@ -90,6 +92,8 @@ class CachedDecoder:
   """
 
   def __init__(self, model: nnx.Module, *, elastic: ElasticMasks | None = None):
+    if backend_lib.target_platform() == "cpu":
+      model = decoder_lib.unroll_layers(model)  # no per-step copies of stacked weights
     self.graphdef, self.state = nnx.split(model)
     self.elastic = elastic
     self.spec = cache_lib.cache_spec(model)

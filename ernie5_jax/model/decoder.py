@@ -212,6 +212,28 @@ class BlockStack(nnx.Module):
     return x, jax.tree.map(lambda *s: jnp.stack(s), *per_layer)
 
 
+def unroll_layers(model: "Decoder") -> "Decoder":
+  """A copy of model whose scanned block stacks are per-layer lists of the same weights.
+
+  For decoding on CPU (generate/decode.py): a scan over stacked layers copies each layer's
+  weights out of the stack at every step (XLA's CPU backend materialises the slice: ~100 MB
+  per MoE layer of benchmarks/presets.py's "medium"), which costs more than one token's
+  compute; slicing once here keeps every step's weights in place. The per-layer weights are
+  copies (memory: one more set of block weights); their sharding metadata still names the
+  stacked 'layers' axis, so this is for single-device use.
+  """
+  model = nnx.clone(model)
+  for stack in (model.dense_layers, model.moe_layers):
+    if stack is None or not stack.scan:
+      continue
+    graphdef, state = nnx.split(stack.layers)
+    num_layers = jax.tree.leaves(state)[0].shape[0]
+    stack.layers = nnx.List([nnx.merge(graphdef, jax.tree.map(lambda v, i=i: v[i], state))
+                             for i in range(num_layers)])
+    stack.scan = False
+  return model
+
+
 class Decoder(nnx.Module):
   """Unified multimodal MoE decoder: (tokens, positions, segments, groups) -> logits, aux."""
 
