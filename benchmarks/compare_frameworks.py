@@ -188,6 +188,15 @@ def stage(preset: str, out_dir: pathlib.Path) -> tuple:
   return config, logits
 
 
+def _has_torch(python: str) -> bool:
+  """Whether `python` runs and imports torch and transformers."""
+  try:
+    return subprocess.run([python, "-c", "import torch, transformers"], capture_output=True,
+                          check=False).returncode == 0
+  except OSError:
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
   """Runs the comparison (module docstring); returns the exit code."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -213,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
 
   from ernie5_jax.model import flops  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  modes = [m for m in args.torch.split(",") if m]
+  if modes and not _has_torch(args.side_python):
+    print(f"error: --side_python={args.side_python} cannot import torch and transformers: "
+          "point it at a side environment that has both, or pass --torch= to skip them")
+    return 2
   work = pathlib.Path(tempfile.mkdtemp(prefix="compare_frameworks_"))
   config, jax_probe = stage(args.preset, work)
   worker = lambda root: [sys.executable, str(root / "benchmarks" / "compare_frameworks.py"),
@@ -221,7 +235,6 @@ def main(argv: list[str] | None = None) -> int:
   for spec in args.jax_root:  # another checkout's package, driven by its copy of this script
     name, path = spec.split("=", 1)
     contenders.append(Contender(name, worker(pathlib.Path(path).resolve())))
-  modes = [m for m in args.torch.split(",") if m]
   for mode in modes:
     contenders.append(Contender(
         f"torch {mode}", [args.side_python, str(ROOT / "benchmarks" / "torch_reference.py"),

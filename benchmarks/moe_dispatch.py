@@ -5,7 +5,7 @@ Times one jitted value_and_grad, float32, on the default device:
   ernie5_jax/model/router.py) -> expert_ffn -> loss, gradients wrt x, the router
   weights (so through the combine weights) and the three expert weight tensors.
   Routing comes from a freshly initialised router (x ~ N(0, 1), router weights
-  ~ N(0, 1/D)): nearly balanced loads; "gather_skewed" adds a N(0, 1) bias per expert,
+  ~ N(0, 1/D)): nearly balanced loads; "gather_skewed" adds a random bias per expert,
   skewed like a real model's router at init (its busiest expert at ~3-5x the mean).
 - dense: SwiGLU MLP with hidden = top_k * expert_hidden, gradients wrt x and weights.
 - worst case: the gather backend with every token routed to the same top_k experts
@@ -120,8 +120,9 @@ def main(argv=None) -> int:
   balanced = jnp.zeros((e,), jnp.float32)
   worst = balanced.at[:k].set(1e3)  # every token picks experts 0..k-1
   # Skewed like a real model's router at init (benchmarks/presets.py "medium": the busiest
-  # expert of each layer held 2.7-4.9x the mean load): a N(0, 1) bias per expert.
-  skewed = jax.random.normal(jax.random.key(args.seed + 1), (e,), jnp.float32)
+  # expert of each layer held 2.7-4.9x the mean load): a N(0, (0.75 / E)^2) bias per expert
+  # on the softmax scores (busiest ~4x the mean at the default shape).
+  skewed = 0.75 / e * jax.random.normal(jax.random.key(args.seed + 1), (e,), jnp.float32)
 
   def moe(backend):
     loss = lambda *a: _moe_loss(*a, top_k=k, backend=backend)
