@@ -85,16 +85,16 @@ def sample_audio_levels(model: nnx.Module, hidden: jax.Array, level1_tokens: jax
 
 
 class CachedDecoder:
-  """Jitted cached decode steps of one model (its state is captured at construction).
+  """Jitted cached decode steps of one model (its state is captured at construction; `load`
+  swaps in another state of the same graph).
 
   elastic: optional ElasticMasks (model/elastic.py masks_for): every step runs that
   sub-model of the model's parameters (skipped layers, masked experts, its top-k).
   """
 
   def __init__(self, model: nnx.Module, *, elastic: ElasticMasks | None = None):
-    if backend_lib.target_platform() == "cpu":
-      model = decoder_lib.unroll_layers(model)  # no per-step copies of stacked weights
-    self.graphdef, self.state = nnx.split(model)
+    self.unroll = backend_lib.target_platform() == "cpu"  # No per-step copies of stacked weights.
+    self.graphdef, self.state = nnx.split(self._as_decoded(model))
     self.elastic = elastic
     self.spec = cache_lib.cache_spec(model)
     self.audio_levels = model.audio.levels if model.audio is not None else 1
@@ -103,6 +103,14 @@ class CachedDecoder:
     self._step = jax.jit(self._traced_step, donate_argnames=("cache",))
     self._text_step = jax.jit(self._traced_text_step, donate_argnames=("cache",))
     self._audio_frame = jax.jit(self._traced_audio_frame)
+
+  def _as_decoded(self, model: nnx.Module) -> nnx.Module:
+    """model as the steps run it: on CPU, its scanned layer stacks unrolled (unroll_layers)."""
+    return decoder_lib.unroll_layers(model) if self.unroll else model
+
+  def load(self, model: nnx.Module) -> None:
+    """Runs the compiled steps on model's weights (a model of the same graph: a later policy)."""
+    self.state = nnx.split(self._as_decoded(model))[1]
 
   def init_cache(self, *, batch: int, max_len: int) -> KVCache:
     """An empty cache for this model."""

@@ -144,7 +144,7 @@ class DecoderCache:
   def get(self, model: nnx.Module, dtype, sub) -> CachedDecoder:
     """The CachedDecoder of the rollout copy of model, holding that copy's state."""
     engine = model if dtype is None else cast_params(model, dtype)
-    graphdef, state = nnx.split(engine)
+    graphdef = nnx.graphdef(engine)
     key = None
     if not isinstance(sub, elastic_lib.ElasticMasks):  # Masks may be traced: not a key.
       try:
@@ -154,7 +154,7 @@ class DecoderCache:
         key = None
     if key is not None and key in self._decoders:
       dec = self._decoders[key]
-      dec.state = state
+      dec.load(engine)  # In the decoder's own layout of the weights (unrolled on CPU).
       return dec
     dec = CachedDecoder(engine, elastic=None if sub is None else submodel_masks(model, sub))
     if key is not None:

@@ -266,6 +266,21 @@ def test_decoder_cache_compiles_each_step_once(model, decoders, text):
   assert rollout_lib.DecoderCache().get(model, None, None) is not dec  # Nothing global.
 
 
+def test_decoder_cache_runs_a_later_policys_weights(model, decoders, text):
+  """A cached decoder reused for another state of its graph (the next iteration's policy)
+  samples from that state, in the decoder's own layout (CPU: unrolled layer stacks)."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  later = nnx.merge(graphdef, jax.tree.map(lambda p: p * 1.5, params), rest)
+  kwargs = dict(group_size=G, max_new_tokens=MAX_NEW, sampling=SAMPLING, rng=jax.random.key(5),
+                layout=LAYOUT)
+  reused = rollout_lib.rollout(later, _prompts("text"), decoders=decoders, **kwargs)
+  fresh = rollout_lib.rollout(later, _prompts("text"), **kwargs)  # Its own new decoder.
+  first = rollout_lib.rollout(model, _prompts("text"), decoders=decoders, **kwargs)
+  np.testing.assert_array_equal(reused.tokens, fresh.tokens)
+  np.testing.assert_allclose(reused.infer_logprobs, fresh.infer_logprobs, rtol=1e-6, atol=1e-6)
+  assert not np.allclose(reused.infer_logprobs, first.infer_logprobs)  # The weights moved.
+
+
 def test_bad_arguments(model):
   with pytest.raises(ValueError, match="group_size=0"):
     rollout_lib.rollout(model, _prompts("text"), group_size=0, max_new_tokens=2,
