@@ -311,6 +311,10 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str) -> tuple[TrainStat
   else:
     state, rl_state = state_lib.init_train_state(create, tx)[1], RLState()
     logging.warning("RL starts from a random model (train.init_from is empty).")
+  # Every leaf committed to the device, as update_step returns them: init_from's fresh step
+  # and optimizer state (uncommitted) beside its restored weights would make iteration 2's
+  # call a new signature, and update_step would compile a second time.
+  state = jax.device_put(state, jax.devices()[0])
   if rl_state.iteration >= rl.iterations:
     logging.info("Nothing to do: iteration %d >= rl.iterations=%d.", rl_state.iteration,
                  rl.iterations)

@@ -10,6 +10,7 @@ import pytest
 from ernie5_jax import config as config_lib
 from ernie5_jax import store
 from ernie5_jax.input_pipeline import multimodal
+from ernie5_jax.rl import engine as engine_lib
 from ernie5_jax.rl import objective as obj
 from ernie5_jax.rl import train as rl_train
 from ernie5_jax.rl import verifiers
@@ -117,6 +118,26 @@ def test_failing_verifier_drops_and_reports_the_sample(runs):
   assert "RuntimeError: verifier crashed" in first[0]["error"]
   assert "non-finite reward nan" in first[1]["error"]
   assert first[0]["prompt_id"] == first[1]["prompt_id"]
+
+
+def test_update_step_compiles_once_from_init_weights(runs, tmp_path_factory, tmp_path,
+                                                     monkeypatch):
+  # train.init_from: restored (committed) weights beside a fresh (uncommitted) step and
+  # optimizer; iteration 2 gets update_step's own, all committed, outputs. Unless the loop
+  # commits the state first, that second signature compiles update_step again.
+  config = _config(tmp_path_factory, 2)
+  config.train.init_from = str(runs["straight"])
+  engines = []
+
+  class Recorded(engine_lib.Engine):
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      engines.append(self)
+
+  monkeypatch.setattr(engine_lib, "Engine", Recorded)
+  state, _ = rl_train.train_rl(config, str(tmp_path))
+  assert int(state.step) == 2 * config.rl.updates
+  assert engines[0].update_step._cache_size() == 1  # pylint: disable=protected-access
 
 
 def test_non_finite_loss_stops_without_saving_and_keeps_last_good_checkpoint(
