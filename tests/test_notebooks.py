@@ -21,7 +21,8 @@ MARKERS = {"elastic_family.ipynb": "sub-models beating the static truncation",
            "quickstart.ipynb": "exported depth=2,experts=4,top_k=1",
            "routing_analysis.ipynb": "entropy text:",
            "m2cp.ipynb": "point->view retrieval precision",
-           "ernie45_import.ipynb": "exported sub-model"}
+           "ernie45_import.ipynb": "exported sub-model",
+           "rl_post_training.ipynb": "with router replay vs"}
 CI_STEPS = "3"
 
 
