@@ -42,6 +42,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing (its own package)
 
+from benchmarks import worker_protocol  # noqa: E402  pylint: disable=wrong-import-position
+
 PROMPT_LEN = 16
 PROMPT_ROWS = 8
 
@@ -92,6 +94,11 @@ class JaxWorker:
     token.block_until_ready()
     return time.perf_counter() - start
 
+  def matmul(self) -> float:
+    """Best f32 [1024, 1024] matmul rate of three measurements, FLOP/s."""
+    from benchmarks.train_step import matmul_flops_per_sec  # pylint: disable=g-import-not-at-top
+    return max(matmul_flops_per_sec() for _ in range(3))
+
   def logits(self, path_in: str, path_out: str) -> None:
     """Writes the float32 logits of PATH_IN's tokens (one document per row) to PATH_OUT."""
     import numpy as np  # pylint: disable=g-import-not-at-top
@@ -111,32 +118,10 @@ def jax_logits(runner, tokens):
   return model.logits(hidden)
 
 
-def serve(worker) -> None:
-  """Answers the driver's commands on stdin (torch_reference.py's protocol)."""
-  print(json.dumps({"ready": True}), flush=True)
-  for line in sys.stdin:
-    cmd, *rest = line.split()
-    if cmd == "quit":
-      break
-    if cmd == "train":
-      reply = {"seconds": worker.train(int(rest[0]))}
-    elif cmd == "decode":
-      reply = {"seconds": worker.decode(int(rest[0]), int(rest[1]))}
-    elif cmd == "matmul":
-      from benchmarks.train_step import matmul_flops_per_sec  # pylint: disable=g-import-not-at-top
-      reply = {"flops_per_sec": max(matmul_flops_per_sec() for _ in range(3))}
-    elif cmd == "logits":
-      worker.logits(rest[0], rest[1])
-      reply = {"ok": True}
-    else:
-      reply = {"error": f"unknown command {cmd!r}"}
-    print(json.dumps(reply), flush=True)
-
-
 # --- the driver -----------------------------------------------------------------------------
 
 class Contender:
-  """A worker subprocess spoken to one line at a time."""
+  """A worker subprocess spoken to one line at a time (benchmarks/worker_protocol.py)."""
 
   def __init__(self, name: str, argv: list[str]):
     self.name = name
@@ -217,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--out", default="")
   args = parser.parse_args(argv)
   if args.worker:
-    serve(JaxWorker(args.preset, args.prompts))
+    worker_protocol.serve(JaxWorker(args.preset, args.prompts))
     return 0
 
   from ernie5_jax.model import flops  # pylint: disable=g-import-not-at-top

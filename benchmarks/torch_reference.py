@@ -8,13 +8,8 @@ Runs in a side environment with torch + transformers (never a CI dependency):
 compare_frameworks.py starts it as a worker; it is not meant to be run by hand. It loads
 the Hugging Face checkpoint the driver exported from the JAX model's initial weights
 (interop/ernie45.py: the same function, checked on the driver's logits), then answers
-one command per stdin line with one JSON line on stdout:
-
-  logits PATH_IN PATH_OUT    float32 logits of the token ids in PATH_IN (npz "tokens")
-  train N                    N train steps (forward, backward, clip 1.0, AdamW), seconds
-  decode B NEW               greedy `generate` of NEW tokens after the prompt rows, seconds
-  matmul                     f32 [1024, 1024] matmul rate, FLOP/s (best of 10)
-  quit
+the commands of benchmarks/worker_protocol.py (train: forward, backward, clip 1.0, AdamW;
+decode: greedy `generate`; matmul: best of 10).
 
 --mode=eager runs the model as is; --mode=compile wraps it in torch.compile (default
 mode; the optimizer step stays eager). Decode uses generate's static KV cache.
@@ -23,13 +18,13 @@ mode; the optimizer step stays eager). Decode uses generate's static KV cache.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 
 import numpy as np
 import torch
 import transformers
+
+import worker_protocol  # benchmarks/ (this script's directory): the driver's line protocol
 
 
 def matmul_rate(n: int = 1024, iters: int = 10) -> float:
@@ -85,6 +80,10 @@ class Worker:
     assert out.shape[1] == ids.shape[1] + new_tokens, out.shape
     return seconds
 
+  def matmul(self) -> float:
+    """Best f32 [1024, 1024] matmul rate, FLOP/s."""
+    return matmul_rate()
+
   @torch.no_grad()
   def logits(self, path_in: str, path_out: str) -> None:
     """Writes the float32 logits of PATH_IN's token ids to PATH_OUT."""
@@ -107,24 +106,7 @@ def main() -> None:
   worker = Worker(args.hf_dir, args.batches, args.mode, args.lr)
   info = {"torch": torch.__version__, "transformers": transformers.__version__,
           "threads": torch.get_num_threads()}
-  print(json.dumps({"ready": True, **info}), flush=True)
-  for line in sys.stdin:
-    cmd, *rest = line.split()
-    if cmd == "quit":
-      break
-    if cmd == "train":
-      reply = {"seconds": worker.train(int(rest[0]))}
-    elif cmd == "decode":
-      reply = {"seconds": worker.decode(int(rest[0]), int(rest[1]))}
-    elif cmd == "matmul":
-      reply = {"flops_per_sec": matmul_rate()}
-    elif cmd == "logits":
-      worker.logits(rest[0], rest[1])
-      reply = {"ok": True}
-    else:
-      reply = {"error": f"unknown command {cmd!r}"}
-    print(json.dumps(reply), flush=True)
-
+  worker_protocol.serve(worker, **info)
 
 if __name__ == "__main__":
   main()

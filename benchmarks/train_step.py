@@ -115,10 +115,9 @@ def single_segment_batch(batch: dict) -> dict:
   out["targets"] = np.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
   out["segment_ids"] = np.ones_like(tokens)
   out["group_ids"] = np.zeros_like(tokens)
-  pos = np.broadcast_to(np.arange(seq, dtype=np.asarray(batch["positions"]).dtype),
-                        (rows, seq))
-  out["positions"] = np.broadcast_to(pos[..., None], np.asarray(batch["positions"]).shape).copy() \
-      if np.asarray(batch["positions"]).ndim == 3 else pos.copy()
+  positions = np.asarray(batch["positions"])  # [batch, seq, 3] (t, h, w): text has t = h = w
+  index = np.arange(seq, dtype=positions.dtype)[None, :, None]
+  out["positions"] = np.broadcast_to(index, positions.shape).copy()
   mask = np.ones((rows, seq), np.asarray(batch["loss_mask"]).dtype)
   mask[:, -1] = 0  # the last position has no next token
   out["loss_mask"] = mask
