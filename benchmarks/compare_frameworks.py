@@ -17,6 +17,10 @@ processes on a shared machine falls on all of them alike:
   per row, float32, forward + backward + global-norm clip 1.0 + AdamW); the first steps
   (compile) are timed separately.
 
+Every worker of this checkout, torch's included, runs with ernie5_jax/host_memory.py's
+allocator setting (freed buffers stay in the heap; PyTorch gains about as much from it as
+JAX); ERNIE5_JAX_SYSTEM_MALLOC=1 runs them all with glibc's defaults instead.
+
 tokens/s are medians over the rounds; MFU is against each framework's own best f32
 [1024, 1024] matmul rate measured in the same run (model FLOPs: model/flops.py).
 
@@ -202,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--out", default="")
   args = parser.parse_args(argv)
   if args.worker:
-    worker_protocol.serve(JaxWorker(args.preset, args.prompts))
+    from ernie5_jax import host_memory  # pylint: disable=g-import-not-at-top
+    worker_protocol.serve(JaxWorker(args.preset, args.prompts),
+                          host_malloc=host_memory.keep_freed_memory())
     return 0
 
   from ernie5_jax.model import flops  # pylint: disable=g-import-not-at-top
@@ -233,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
                                                    "top_k", "num_shared_experts", "vocab_size")},
             "batch": config.data.global_batch_size, "seq_len": config.data.seq_len,
             "rounds": args.rounds, "train_steps_per_round": args.train_steps,
-            "torch": torch_info, "contenders": [c.name for c in contenders]}
+            "torch": torch_info, "contenders": [c.name for c in contenders],
+            # host_memory.keep_freed_memory() per worker (None: a checkout without it)
+            "host_malloc": {c.name: c.info.get("host_malloc") for c in contenders}}
   try:
     if modes:  # the same function: transformers' logits on the probe batch vs JAX's
       contenders[-len(modes)].ask(f"logits {work / 'probe.npz'} {work / 'torch_logits.npz'}")

@@ -143,7 +143,7 @@ def main(argv=None) -> int:
   rows = moe_windows.window_rows(t * k, e)
   print(f"T={t} D={d} F={f} E={e} top-{k} on {jax.devices()[0].platform}; loads: mean "
         f"{loads.mean():.0f}, max {loads.max()}, min {loads.min()} (skewed: max "
-        f"{skewed_loads.max()}, min {skewed_loads.min()}); windows of {rows} rows", flush=True)
+        f"{skewed_loads.max()}, min {skewed_loads.min()}); tiles of {rows} rows", flush=True)
 
   compile_s = {}
   for name, (fn, fn_args) in fns.items():

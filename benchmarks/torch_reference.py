@@ -18,6 +18,8 @@ mode; the optimizer step stays eager). Decode uses generate's static KV cache.
 from __future__ import annotations
 
 import argparse
+import pathlib
+import sys
 import time
 
 import numpy as np
@@ -25,6 +27,10 @@ import torch
 import transformers
 
 import worker_protocol  # benchmarks/ (this script's directory): the driver's line protocol
+
+# The repository's host allocator setting (stdlib only): applied to both frameworks alike.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from ernie5_jax import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def matmul_rate(n: int = 1024, iters: int = 10) -> float:
@@ -105,7 +111,7 @@ def main() -> None:
   torch.manual_seed(0)
   worker = Worker(args.hf_dir, args.batches, args.mode, args.lr)
   info = {"torch": torch.__version__, "transformers": transformers.__version__,
-          "threads": torch.get_num_threads()}
+          "threads": torch.get_num_threads(), "host_malloc": host_memory.keep_freed_memory()}
   worker_protocol.serve(worker, **info)
 
 if __name__ == "__main__":

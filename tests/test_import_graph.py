@@ -12,7 +12,7 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Lower numbers sit lower: a module may import its own layer or any lower one.
 LAYERS = {
-    "config": 0,
+    "config": 0, "host_memory": 0,
     "sharding": 1, "distributed": 1,
     "ops": 2,
     "model": 3, "input_pipeline": 3,

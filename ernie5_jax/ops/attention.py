@@ -68,66 +68,121 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     [batch, q_seq, heads, head_dim] in q's dtype.
 
   One custom VJP, laid out for XLA's CPU backend (the training path there): the query
-  heads of one kv head are stacked into the rows of one [groups * q_seq, kv_seq] score
-  matrix, so every dot is a plain batched matmul over (batch, kv head); the output is
-  normalised after the value product ([q_seq, head_dim] divisions, not [q_seq, kv_seq]),
-  and the backward uses the saved unnormalised probabilities (as flash attention's
-  backward does with recomputed ones): 1.4-1.9x faster forward + backward than autodiff
-  of the plain formulation on benchmarks/presets.py's shapes.
+  heads of one kv head are stacked into the rows of one score matrix, so every dot is a
+  plain batched matmul over (batch, kv head); the output is normalised after the value
+  product ([q_seq, head_dim] divisions, not [q_seq, kv_seq]), and the backward uses the
+  saved unnormalised probabilities (as flash attention's backward does with recomputed
+  ones). Self-attention runs in query blocks of QUERY_BLOCK rows, block i reading only
+  keys < (i + 1) * QUERY_BLOCK, whenever the mask allows no later key for any of its rows
+  (causal text; bidirectional groups that do not cross a block end): the scores, softmax
+  and products above the diagonal blocks are skipped (3/8 of them at 4 blocks). A mask
+  that reaches past a block's end takes the one-block path (a lax.cond on the mask).
   """
-  return _attention(q, k, v, mask)
+  blocks = _query_blocks(q.shape[1], k.shape[1])
+  if blocks == 1:
+    return _attention(1, q, k, v, mask)
+  return jax.lax.cond(_within_blocks(mask, blocks), functools.partial(_attention, blocks),
+                      functools.partial(_attention, 1), q, k, v, mask)
+
+
+QUERY_BLOCK = 128  # rows of one query block of the blocked self-attention path
+
+
+def _query_blocks(q_len: int, kv_len: int) -> int:
+  """Query blocks of the blocked path: 1 (off) unless self-attention of >= 2 whole blocks."""
+  if q_len != kv_len or q_len % QUERY_BLOCK or q_len < 2 * QUERY_BLOCK:
+    return 1
+  return q_len // QUERY_BLOCK
+
+
+def _within_blocks(mask: jax.Array, blocks: int) -> jax.Array:
+  """[] bool: no query of block i may attend to a key at or past block i's end."""
+  batch, length, _ = mask.shape
+  size = length // blocks
+  rows = mask.reshape(batch, blocks, size, length)  # [B, blocks, rows, S]
+  ends = (jnp.arange(blocks)[:, None] + 1) * size  # [blocks, 1]
+  beyond = jnp.arange(length)[None, :] >= ends  # [blocks, S]
+  return ~jnp.any(rows & beyond[None, :, None, :])
 
 
 def _stack_heads(x: jax.Array, kv_heads: int) -> jax.Array:
-  """[B, T, H, D] -> [B, KV, G * T, D]: query head h = kv * G + g at rows g * T .. g * T + T."""
+  """[B, T, H, D] -> [B, KV, G, T, D]: query head h = kv * G + g."""
   batch, length, heads, head_dim = x.shape
   x = x.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-  return x.transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, -1, head_dim)
+  return x.transpose(0, 2, 3, 1, 4)
 
 
-def _unstack_heads(x: jax.Array, length: int) -> jax.Array:
-  """_stack_heads' inverse: [B, KV, G * T, D] -> [B, T, H, D]."""
-  batch, kv_heads, rows, head_dim = x.shape
-  x = x.reshape(batch, kv_heads, rows // length, length, head_dim)
-  return x.transpose(0, 3, 1, 2, 4).reshape(batch, length, -1, head_dim)
+def _unstack_heads(x: jax.Array) -> jax.Array:
+  """_stack_heads' inverse: [B, KV, G, T, D] -> [B, T, H, D]."""
+  batch, kv_heads, groups, length, head_dim = x.shape
+  return x.transpose(0, 3, 1, 2, 4).reshape(batch, length, kv_heads * groups, head_dim)
 
 
-@jax.custom_vjp
-def _attention(q, k, v, mask):
-  return _attention_fwd(q, k, v, mask)[0]
+def _rows(x: jax.Array, start: int, stop: int) -> jax.Array:
+  """[B, KV, G, T, D] -> rows start..stop of every query head, stacked: [B, KV, G*n, D]."""
+  x = x[:, :, :, start:stop]
+  return x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1])
 
 
-def _attention_fwd(q, k, v, mask):
+def _spans(length: int, blocks: int):
+  """(query start, query stop, key stop) of each block; one block reads every key."""
+  size = length // blocks
+  return [(i * size, (i + 1) * size, (i + 1) * size if blocks > 1 else None)
+          for i in range(blocks)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(blocks, q, k, v, mask):
+  return _attention_fwd(blocks, q, k, v, mask)[0]
+
+
+def _attention_fwd(blocks, q, k, v, mask):
   batch, length, heads, head_dim = q.shape
-  kv_heads = k.shape[2]
-  qh = _stack_heads(q, kv_heads)  # [B, KV, G*T, D]
+  kv_heads, groups = k.shape[2], heads // k.shape[2]
+  qh = _stack_heads(q, kv_heads)  # [B, KV, G, T, D]
   kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, S, D]
-  logits = jnp.einsum("bkqd,bksd->bkqs", qh, kh,
-                      preferred_element_type=jnp.float32) * (head_dim ** -0.5)  # [B,KV,G*T,S]
-  grouped = logits.reshape(batch, kv_heads, heads // kv_heads, length, -1)  # [B, KV, G, T, S]
-  # A finite floor (not -inf) keeps every value finite; exp() of it underflows to 0.
-  grouped = jnp.where(mask[:, None, None], grouped, jnp.finfo(jnp.float32).min)
-  probs = jnp.exp(grouped - jnp.max(grouped, axis=-1, keepdims=True))  # unnormalised
-  probs = probs.reshape(logits.shape)
-  norm = jnp.sum(probs, axis=-1, keepdims=True)  # [B, KV, G*T, 1]
-  out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype), vh,
-                   preferred_element_type=jnp.float32) / norm  # [B, KV, G*T, D]
-  return _unstack_heads(out, length).astype(q.dtype), (qh, kh, vh, probs, norm, out)
+  probs, norms, outs = [], [], []
+  for start, stop, key_stop in _spans(length, blocks):
+    keys = slice(None, key_stop)
+    logits = jnp.einsum("bkqd,bksd->bkqs", _rows(qh, start, stop), kh[:, :, keys],
+                        preferred_element_type=jnp.float32) * (head_dim ** -0.5)  # [B,KV,G*n,s]
+    grouped = logits.reshape(batch, kv_heads, groups, stop - start, -1)  # [B, KV, G, n, s]
+    # A finite floor (not -inf) keeps every value finite; exp() of it underflows to 0.
+    grouped = jnp.where(mask[:, None, None, start:stop, keys], grouped,
+                        jnp.finfo(jnp.float32).min)
+    p = jnp.exp(grouped - jnp.max(grouped, axis=-1, keepdims=True))  # unnormalised
+    p = p.reshape(logits.shape)
+    norm = jnp.sum(p, axis=-1, keepdims=True)  # [B, KV, G*n, 1]
+    out = jnp.einsum("bkqs,bksd->bkqd", p.astype(v.dtype), vh[:, :, keys],
+                     preferred_element_type=jnp.float32) / norm  # [B, KV, G*n, D]
+    probs.append(p)
+    norms.append(norm)
+    outs.append(out.reshape(batch, kv_heads, groups, stop - start, head_dim))
+  out = jnp.concatenate(outs, axis=3) if blocks > 1 else outs[0]  # [B, KV, G, T, D]
+  return _unstack_heads(out).astype(q.dtype), (qh, kh, vh, probs, norms, out)
 
 
-def _attention_bwd(saved, d_out):
-  qh, kh, vh, probs, norm, out = saved
+def _attention_bwd(blocks, saved, d_out):
+  qh, kh, vh, probs, norms, out = saved
   f32 = lambda x: x.astype(jnp.float32)
   length, head_dim = d_out.shape[1], qh.shape[-1]
-  d_oh = f32(_stack_heads(d_out, kh.shape[1]))  # [B, KV, G*T, D]
-  d_v = jnp.einsum("bkqs,bkqd->bksd", probs, d_oh / norm)  # [B, KV, S, D]
-  d_probs = jnp.einsum("bkqd,bksd->bkqs", d_oh, f32(vh))  # d loss / d normalised probs
-  # Softmax backward: p * (dp - sum(dp * p)), where sum(dp * p) = sum(d_out * out) per row.
-  d_logits = (probs / norm) * (d_probs - jnp.sum(d_oh * out, axis=-1, keepdims=True))
+  d_oh = f32(_stack_heads(d_out, kh.shape[1]))  # [B, KV, G, T, D]
   scale = head_dim ** -0.5
-  d_q = jnp.einsum("bkqs,bksd->bkqd", d_logits, f32(kh)) * scale
-  d_k = jnp.einsum("bkqs,bkqd->bksd", d_logits, f32(qh)) * scale
-  return (_unstack_heads(d_q, length).astype(qh.dtype), d_k.transpose(0, 2, 1, 3).astype(kh.dtype),
+  d_qs = []
+  d_k, d_v = jnp.zeros(kh.shape, jnp.float32), jnp.zeros(vh.shape, jnp.float32)  # [B,KV,S,D]
+  for (start, stop, key_stop), p, norm in zip(_spans(length, blocks), probs, norms):
+    keys = slice(None, key_stop)
+    d_ob, ob = _rows(d_oh, start, stop), _rows(out, start, stop)  # [B, KV, G*n, D]
+    d_v = d_v.at[:, :, keys].add(jnp.einsum("bkqs,bkqd->bksd", p, d_ob / norm))
+    d_p = jnp.einsum("bkqd,bksd->bkqs", d_ob, f32(vh[:, :, keys]))  # d loss / d normalised p
+    # Softmax backward: p * (dp - sum(dp * p)), where sum(dp * p) = sum(d_out * out) per row.
+    d_logits = (p / norm) * (d_p - jnp.sum(d_ob * ob, axis=-1, keepdims=True))
+    d_qs.append(jnp.einsum("bkqs,bksd->bkqd", d_logits, f32(kh[:, :, keys])) * scale)
+    d_k = d_k.at[:, :, keys].add(
+        jnp.einsum("bkqs,bkqd->bksd", d_logits, f32(_rows(qh, start, stop))) * scale)
+  batch, kv_heads, groups = qh.shape[:3]
+  d_q = jnp.concatenate([d.reshape(batch, kv_heads, groups, -1, head_dim) for d in d_qs], axis=3)
+  return (_unstack_heads(d_q).astype(qh.dtype), d_k.transpose(0, 2, 1, 3).astype(kh.dtype),
           d_v.transpose(0, 2, 1, 3).astype(vh.dtype), None)
 
 

@@ -4,9 +4,9 @@ SwiGLU_e(x) = (silu(x W_gate[e]) * (x W_up[e])) W_down[e]  (Shazeer 2020, arXiv 
 
 Backends (`backend=`; "auto" is resolved by ops.backend.resolve_moe_backend):
 - "gather": dropless, the fast CPU path (ops/moe_windows.py): assignments sorted
-  by expert, a loop over windows of each expert's rows (as many as the routing
-  needs) with the expert's weights: exact for any routing, padding < one window
-  per busy expert.
+  by expert into tiles of W rows, one loop per window size (8, 4, 2, 1 tiles) over
+  the windows the routing needs, with the expert's weights: exact for any routing,
+  padding < one tile per busy expert.
 - "ragged_dot": dropless; sort by expert, `jax.lax.ragged_dot` grouped matmuls,
   unsort (the XLA path for GPU/TPU; ~30-70x slower than dense on CPU).
 - "pallas": dropless; the same sort / unsort around `pallas_kernels.grouped_matmul`

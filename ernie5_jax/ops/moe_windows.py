@@ -1,31 +1,32 @@
 """Routed SwiGLU experts over expert windows (the CPU "gather" and "capacity" backends).
 
-Assignments (token t, slot k; n = t*K + k) are sorted by expert. Each expert's run of
-sorted rows is cut into windows of W rows (the last one partial), and a loop runs one
-window per iteration with that expert's weights as they are (no copy):
+Assignments (token t, slot k; n = t*K + k) are sorted by expert into a padded layout:
+expert e's rows start at a multiple of W and fill ceil(count_e / W) tiles of W rows, the
+tail of its last tile zero. Each expert's tiles are cut into windows of 8, 4, 2 and
+1 tiles (largest first: at most one window of each smaller size per expert), and one loop
+per window size runs one window per iteration with that expert's weights as they are (no
+copy):
 
   a = x_w W_gate[e],  b = x_w W_up[e],  y_w = (silu(a) * b * w_w) W_down[e]
 
-The loop's trip count is the number of windows this routing needs,
-sum_e ceil(count_e / W): at most N / W + E (N = T*K), so the rows computed are the
-assignments plus less than one window of padding per busy expert, whatever the skew.
+Each loop's trip count is the number of windows of its size this routing needs, so the
+rows computed are the assignments plus less than one tile of padding per busy expert,
+whatever the skew; the large windows keep the dots large where the routing allows.
 A padded layout of static per-expert capacity cannot do that: to stay dropless it must
 hold the busiest expert, and a freshly initialised router already sends 2-5x the mean
 load to some experts (measured at init on benchmarks/presets.py's "medium": the busiest
-of 64 experts held 2.7-4.9x the mean in every layer). W = ceil(m / 2) rounded up to 8 and
-clipped to [8, 256] (m = N / E the balanced load) keeps both the padding and the loop
-overhead small; measured on a 2-core CPU against the earlier padded-slot layout (bulk
-[E, m + 2 sqrt(m)] + tiles for the overflow), forward + backward: equal at balanced
-routing, 2.2-2.6x faster at init-like skew.
+of 64 experts held 2.7-4.9x the mean in every layer). W = ceil(m / 4) rounded up to 8 and
+clipped to [8, 256] (m = N / E, the balanced load), so a balanced expert runs as one or two
+windows and pads less than a quarter of its load.
 
-Rows past a window's valid count belong to the next window, which is written after it
-(windows run in sorted order), or to no assignment; they are masked to zero, so dropped
-("capacity") and "no expert" (id = E, ops/moe_dispatch.py) rows read as zero.
+Padding rows read token "none" (zeros) and have combine weight 0, so they add nothing
+forward or backward; dropped ("capacity": rank >= C) and "no expert" (id = E,
+ops/moe_dispatch.py) assignments have no row and read as zero.
 
 One `jax.custom_vjp`: the forward keeps the gate and up pre-activations of every row,
 the backward runs the same windows, adding each window's weight gradient into its
 expert's slice (an in-place update of the loop carry). Data movement is one gather of x
-into sorted order and K gathers back per token, forward and backward; no scatter-add.
+into the layout and K gathers back per token, forward and backward; no scatter-add.
 Combine weights scale the hidden activations (F wide) before the down projection, so
 their gradient is a dot over F and no [N, D] expert output is kept for the backward.
 """
@@ -37,6 +38,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+WINDOW_TILES = (8, 4, 2, 1)  # window sizes, in tiles of W rows, largest first
 
 
 class Assignments(NamedTuple):
@@ -65,48 +68,70 @@ def sort_assignments(expert_ids: jax.Array, num_experts: int) -> Assignments:
 
 
 def window_rows(num_assignments: int, num_experts: int) -> int:
-  """W: half the balanced load N / E, rounded up to a multiple of 8, within [8, 256]."""
-  half = -(-num_assignments // (2 * num_experts))
-  return int(min(256, max(8, -(-half // 8) * 8)))
+  """W: a quarter of the balanced load N / E, rounded up to a multiple of 8, within [8, 256]."""
+  quarter = -(-num_assignments // (4 * num_experts))
+  return int(min(256, max(8, -(-quarter // 8) * 8)))
 
 
-class Windows(NamedTuple):
-  """The windows of one routing, in sorted order; entries past `num` are unused."""
-  expert: jax.Array  # [max_windows] int32 expert whose weights window i uses
-  start: jax.Array  # [max_windows] int32 first expert-sorted row of window i
-  valid: jax.Array  # [max_windows] int32 rows of window i that hold an assignment
-  num: jax.Array  # [] int32 windows this routing needs
+class Layout(NamedTuple):
+  """Where each assignment sits in the padded expert-sorted layout, and its windows."""
+  row: jax.Array  # [N] int32: layout row of assignment n (num_rows if dropped)
+  source: jax.Array  # [num_rows] int32: assignment of each layout row (N if padding)
+  windows: tuple  # per window size that fits: (tiles, expert [max_w], start [max_w], num [])
 
 
-def windows(asg: Assignments, rows: int, capacity: int | None = None) -> Windows:
-  """The windows of `rows` rows over each expert's first min(count, capacity) assignments."""
-  num_experts = asg.counts.shape[0]
+def layout(asg: Assignments, rows: int, capacity: int | None = None) -> Layout:
+  """The padded layout of tiles of `rows` rows over each expert's first min(count, C) rows."""
+  num_assignments, num_experts = asg.expert.shape[0], asg.counts.shape[0]
   counts = asg.counts if capacity is None else jnp.minimum(asg.counts, capacity)  # [E]
   tiles = -(-counts // rows)  # [E]
-  end = jnp.cumsum(tiles)
-  max_windows = -(-asg.expert.shape[0] // rows) + num_experts
-  i = jnp.arange(max_windows, dtype=jnp.int32)
-  # Unused trailing entries map past the last expert: clamped, never run.
-  expert = jnp.minimum(jnp.searchsorted(end, i, side="right"), num_experts - 1).astype(jnp.int32)
-  first = (i - (end - tiles)[expert]) * rows  # rank of the window's first row
-  return Windows(expert, asg.starts[expert] + first, jnp.clip(counts[expert] - first, 0, rows),
-                 end[-1].astype(jnp.int32))
+  first_tile = jnp.cumsum(tiles) - tiles  # [E]
+  num_rows = layout_rows(num_assignments, num_experts, rows)
+  kept = asg.rank < counts[asg.expert]  # [N]
+  row = jnp.where(kept, first_tile[asg.expert] * rows + asg.rank, num_rows).astype(jnp.int32)
+  source = jnp.full((num_rows,), num_assignments, jnp.int32).at[row].set(
+      jnp.arange(num_assignments, dtype=jnp.int32), mode="drop", unique_indices=True)
+  # Sizes longer than the layout never occur (an expert holds at most num_rows rows).
+  sizes = [size for size in WINDOW_TILES if size * rows <= num_rows]
+  windows, done = [], jnp.zeros_like(tiles)  # done: tiles of each expert in larger windows
+  for size in sizes:
+    largest = size == sizes[0]
+    count = tiles // size if largest else (tiles - done) // size  # [E]: 0 or 1 unless largest
+    end = jnp.cumsum(count)
+    max_windows = (-(-num_rows // (rows * size)) if largest else num_experts)
+    i = jnp.arange(max_windows, dtype=jnp.int32)
+    # Unused trailing entries map past the last expert: clamped, never run.
+    expert = jnp.minimum(jnp.searchsorted(end, i, side="right"), num_experts - 1)
+    tile = first_tile[expert] + done[expert] + (i - (end - count)[expert]) * size
+    windows.append((size, expert.astype(jnp.int32), (tile * rows).astype(jnp.int32),
+                    end[-1].astype(jnp.int32)))
+    done = done + count * size
+  return Layout(row, source, tuple(windows))
 
 
-def _sorted_layout(x, weights, asg: Assignments, rows: int):
-  """x rows [N + rows, D] and combine weights [N + rows] in expert-sorted order (zero-padded)."""
-  top_k = asg.expert.shape[0] // x.shape[0]
-  order = jnp.pad(asg.order, (0, rows), constant_values=asg.order.shape[0])  # N: padding
-  tok = order // top_k  # a padding row reads token T: filled with zeros
-  xs = jnp.take(x, tok, axis=0, mode="fill", fill_value=0)
-  ws = jnp.take(weights, order, axis=0, mode="fill", fill_value=0)
-  return xs, ws
+def layout_rows(num_assignments: int, num_experts: int, rows: int) -> int:
+  """Rows of the padded layout: every assignment plus less than one tile per expert."""
+  return -(-num_assignments // rows) * rows + num_experts * rows
+
+
+def _gather_rows(values, lay: Layout, top_k: int):
+  """values [T, X] (per token) -> [num_rows, X] in layout order; padding rows are 0."""
+  return jnp.take(values, lay.source // top_k, axis=0, mode="fill", fill_value=0)
+
+
+def _run_windows(lay: Layout, rows: int, body, carry):
+  """Runs body(size_rows, expert, start, carry) over every window, one loop per size."""
+  for size, expert, start, num in lay.windows:
+    step = functools.partial(body, size * rows)
+    carry = jax.lax.fori_loop(0, num, lambda i, c, e=expert, s=start, f=step: f(e[i], s[i], c),
+                              carry)
+  return carry
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def routed_swiglu(rows: int, capacity: int | None, x, weights, asg: Assignments, w_gate, w_up,
                   w_down):
-  """y [T, D] = sum_k weights[t*K + k] * SwiGLU_{expert}(x[t]) over windows of `rows` rows.
+  """y [T, D] = sum_k weights[t*K + k] * SwiGLU_{expert}(x[t]) over windows of tiles of `rows`.
 
   capacity: None (dropless) or C: an expert's assignments of rank >= C contribute 0.
   weights: [N] combine weight per assignment; asg: sort_assignments(...);
@@ -116,63 +141,60 @@ def routed_swiglu(rows: int, capacity: int | None, x, weights, asg: Assignments,
 
 
 def _forward(rows, capacity, x, weights, asg, w_gate, w_up, w_down):
-  win = windows(asg, rows, capacity)
-  xs, ws = _sorted_layout(x, weights, asg, rows)  # [N + rows, D], [N + rows]
-  lane = jnp.arange(rows, dtype=jnp.int32)
+  lay = layout(asg, rows, capacity)
+  top_k = asg.expert.shape[0] // x.shape[0]
+  xs = _gather_rows(x, lay, top_k)  # [R, D]
+  ws = jnp.take(weights, lay.source, mode="fill", fill_value=0)  # [R]
 
-  def body(i, carry):
+  def body(size, e, s, carry):
     ys, pre_a, pre_b = carry
-    e, s = win.expert[i], win.start[i]
-    xw = jax.lax.dynamic_slice_in_dim(xs, s, rows)  # [rows, D]
-    ww = jnp.where(lane < win.valid[i], jax.lax.dynamic_slice_in_dim(ws, s, rows), 0)
-    a = xw @ w_gate[e]  # [rows, F]
+    xw = jax.lax.dynamic_slice_in_dim(xs, s, size)  # [size, D]
+    ww = jax.lax.dynamic_slice_in_dim(ws, s, size)
+    a = xw @ w_gate[e]  # [size, F]
     b = xw @ w_up[e]
-    y = (jax.nn.silu(a) * b * ww[:, None]) @ w_down[e]  # [rows, D]
+    y = (jax.nn.silu(a) * b * ww[:, None]) @ w_down[e]  # [size, D]
     put = lambda table, value: jax.lax.dynamic_update_slice_in_dim(table, value, s, 0)
     return put(ys, y), put(pre_a, a), put(pre_b, b)
 
   n_rows, hidden = xs.shape[0], w_gate.shape[2]
   zeros = lambda width: jnp.zeros((n_rows, width), x.dtype)
-  ys, pre_a, pre_b = jax.lax.fori_loop(0, win.num, body,
-                                       (zeros(x.shape[1]), zeros(hidden), zeros(hidden)))
-  y = _gather_back(ys, asg, x.shape[0])
+  ys, pre_a, pre_b = _run_windows(lay, rows, body,
+                                  (zeros(x.shape[1]), zeros(hidden), zeros(hidden)))
+  y = _gather_back(ys, lay, x.shape[0])
   return y, (x, weights, asg, w_gate, w_up, w_down, pre_a, pre_b)
 
 
-def _gather_back(table, asg: Assignments, num_tokens: int):
-  """[N + rows, X] expert-sorted rows -> [T, X]: each token's sum over its K rows."""
-  top_k = asg.expert.shape[0] // num_tokens
-  inv = (asg.starts[asg.expert] + asg.rank).reshape(num_tokens, top_k)  # sorted row of (t, k)
-  out = table[inv[:, 0]]
-  for k in range(1, top_k):
-    out = out + table[inv[:, k]]
+def _gather_back(table, lay: Layout, num_tokens: int):
+  """[R, X] layout rows -> [T, X]: each token's sum over its K rows (dropped ones: 0)."""
+  inv = lay.row.reshape(num_tokens, -1)  # [T, K] layout row of (t, k)
+  take = lambda k: jnp.take(table, inv[:, k], axis=0, mode="fill", fill_value=0)
+  out = take(0)
+  for k in range(1, inv.shape[1]):
+    out = out + take(k)
   return out
 
 
 def _backward(rows, capacity, saved, dy):
   x, weights, asg, w_gate, w_up, w_down, pre_a, pre_b = saved
-  win = windows(asg, rows, capacity)
-  xs, ws = _sorted_layout(x, weights, asg, rows)
-  dys, _ = _sorted_layout(dy, weights, asg, rows)  # [N + rows, D]
-  lane = jnp.arange(rows, dtype=jnp.int32)
+  lay = layout(asg, rows, capacity)
+  top_k = asg.expert.shape[0] // x.shape[0]
+  xs, dys = _gather_rows(x, lay, top_k), _gather_rows(dy, lay, top_k)  # [R, D]
+  ws = jnp.take(weights, lay.source, mode="fill", fill_value=0)  # [R]
 
-  def body(i, carry):
+  def body(size, e, s, carry):
     dxs, dws, dw_gate, dw_up, dw_down = carry
-    e, s = win.expert[i], win.start[i]
-    keep = (lane < win.valid[i])[:, None]  # [rows, 1]
-    take = lambda table: jax.lax.dynamic_slice_in_dim(table, s, rows)
-    xw = jnp.where(keep, take(xs), 0)  # [rows, D]
-    dyw = jnp.where(keep, take(dys), 0)
+    take = lambda table: jax.lax.dynamic_slice_in_dim(table, s, size)
+    xw, dyw = take(xs), take(dys)  # [size, D]
     ww = take(ws)[:, None]
-    a, b = take(pre_a), take(pre_b)  # [rows, F]
+    a, b = take(pre_a), take(pre_b)  # [size, F]
     sig = jax.nn.sigmoid(a)
     silu = a * sig
     h = silu * b
-    g = dyw @ w_down[e].T  # d loss / d (weighted h): [rows, F]
+    g = dyw @ w_down[e].T  # d loss / d (weighted h): [size, F]
     dh = g * ww
     da = dh * b * sig * (1 + a * (1 - sig))  # silu'(a) = sig * (1 + a * (1 - sig))
     db = dh * silu
-    dx = da @ w_gate[e].T + db @ w_up[e].T  # [rows, D]
+    dx = da @ w_gate[e].T + db @ w_up[e].T  # [size, D]
     put = lambda table, value: jax.lax.dynamic_update_slice_in_dim(table, value, s, 0)
     add = lambda table, value: table.at[e].add(value)
     return (put(dxs, dx), put(dws, jnp.sum(g * h, axis=-1)),
@@ -180,10 +202,10 @@ def _backward(rows, capacity, saved, dy):
 
   init = (jnp.zeros_like(xs), jnp.zeros_like(ws), jnp.zeros_like(w_gate), jnp.zeros_like(w_up),
           jnp.zeros_like(w_down))
-  dxs, dws, dw_gate, dw_up, dw_down = jax.lax.fori_loop(0, win.num, body, init)
-  dx = _gather_back(dxs, asg, x.shape[0])
-  inv = asg.starts[asg.expert] + asg.rank  # [N] sorted row of each assignment
-  return dx, dws[inv], None, dw_gate, dw_up, dw_down
+  dxs, dws, dw_gate, dw_up, dw_down = _run_windows(lay, rows, body, init)
+  dx = _gather_back(dxs, lay, x.shape[0])
+  d_weights = jnp.take(dws, lay.row, mode="fill", fill_value=0)  # [N]
+  return dx, d_weights, None, dw_gate, dw_up, dw_down
 
 
 routed_swiglu.defvjp(_forward, _backward)

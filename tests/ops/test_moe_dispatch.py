@@ -106,26 +106,58 @@ def test_pallas_backend_matches_reference(params, reference):
       _assert_close(g, g_ref, f"pallas/{routing}: d/d{name}")
 
 
+@pytest.mark.parametrize("rows", [8, 2])
 @pytest.mark.parametrize("capacity", [None, 5])
-def test_windows_cover_each_kept_assignment_once(capacity):
-  # W = 8 rows (window_rows(64, 8) = ceil(4 / 8) rounded up to 8).
-  rows = moe_windows.window_rows(T * K, E)
-  assert rows == 8
+def test_layout_windows_cover_each_kept_assignment_once(rows, capacity):
+  # rows=8 is window_rows(64, 8) (a quarter of the mean load 8, rounded up to 8); rows=2
+  # cuts the worst case's 32-row experts into 16 tiles: one window of 8 tiles, twice.
+  assert moe_windows.window_rows(T * K, E) == 8
   for name, ids in ROUTINGS.items():
     asg = moe_windows.sort_assignments(jnp.asarray(ids, jnp.int32), E)
-    win = moe_windows.windows(asg, rows, capacity)
+    lay = moe_windows.layout(asg, rows, capacity)
+    num_rows = lay.source.shape[0]
+    assert num_rows == moe_windows.layout_rows(T * K, E, rows)
     counts = np.bincount(ids.reshape(-1), minlength=E)
-    kept = counts if capacity is None else np.minimum(counts, capacity)
-    assert int(win.num) == int(np.sum(-(-kept // rows))), name
-    covered = np.zeros(T * K, int)  # expert-sorted rows
-    for i in range(int(win.num)):
-      s, v, e = int(win.start[i]), int(win.valid[i]), int(win.expert[i])
-      assert 0 < v <= rows, name
-      covered[s:s + v] += 1
-      assert (np.sort(ids.reshape(-1))[s:s + v] == e).all(), name  # one expert per window
-    rank = np.asarray(asg.rank)[np.asarray(asg.order)]
-    expected = rank < (T * K if capacity is None else capacity)
-    np.testing.assert_array_equal(covered, expected.astype(int), err_msg=name)
+    kept_counts = counts if capacity is None else np.minimum(counts, capacity)
+    flat = ids.reshape(-1)
+    row, source = np.asarray(lay.row), np.asarray(lay.source)
+    kept = np.asarray(asg.rank) < kept_counts[flat]
+    assert (row[~kept] == num_rows).all(), name  # dropped: no row
+    np.testing.assert_array_equal(source[row[kept]], np.flatnonzero(kept), err_msg=name)
+    assert (source < T * K).sum() == kept.sum(), name  # every other row is padding
+    covered = np.zeros(num_rows, int)
+    sizes = [w[0] for w in lay.windows]
+    assert sizes == [s for s in moe_windows.WINDOW_TILES if s * rows <= num_rows], name
+    for size, expert, start, num in lay.windows:
+      tiles = -(-kept_counts // rows)
+      largest = size == sizes[0]
+      expected = tiles // size if largest else (tiles % (2 * size)) // size
+      assert int(num) == expected.sum(), (name, size)
+      for i in range(int(num)):
+        e, s = int(expert[i]), int(start[i])
+        covered[s:s + size * rows] += 1
+        held = source[s:s + size * rows]
+        assert (flat[held[held < T * K]] == e).all(), (name, size)  # one expert per window
+    assert (covered <= 1).all(), name
+    assert (covered[row[kept]] == 1).all(), name
+
+
+def test_every_window_size_matches_reference(params, reference):
+  # Tiles of 2 rows: loads 8 / 32 run windows of 4 / 8 + 8 tiles, random loads mix sizes.
+  x, combine_weights, w_gate, w_up, w_down, cotangent = params
+  def ffn(x, ids, cw, wg, wu, wd):
+    asg = moe_windows.sort_assignments(ids, E)
+    return moe_windows.routed_swiglu(2, None, x, cw.reshape(-1), asg, wg, wu, wd)
+  small_tiles = _loss(ffn)
+  for routing in ("random_with_empty_expert", "worst_case_same_k_experts"):
+    args = (x, jnp.asarray(ROUTINGS[routing], jnp.int32), combine_weights, w_gate, w_up,
+            w_down, cotangent)
+    (_, y), grads = small_tiles(*args)
+    (_, y_ref), grads_ref = reference(*args)
+    _assert_close(y, y_ref, f"{routing}: y")
+    for name, g, g_ref in zip(("x", "combine_weights", "w_gate", "w_up", "w_down"), grads,
+                              grads_ref):
+      _assert_close(g, g_ref, f"{routing}: d/d{name}")
 
 
 def _drop_rule(expert_ids, capacity):
