@@ -72,17 +72,14 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
   plain batched matmul over (batch, kv head); the output is normalised after the value
   product ([q_seq, head_dim] divisions, not [q_seq, kv_seq]), and the backward uses the
   saved unnormalised probabilities (as flash attention's backward does with recomputed
-  ones). Self-attention runs in query blocks of QUERY_BLOCK rows, block i reading only
-  keys < (i + 1) * QUERY_BLOCK, whenever the mask allows no later key for any of its rows
-  (causal text; bidirectional groups that do not cross a block end): the scores, softmax
-  and products above the diagonal blocks are skipped (3/8 of them at 4 blocks). A mask
-  that reaches past a block's end takes the one-block path (a lax.cond on the mask).
+  ones). Self-attention runs in query blocks of QUERY_BLOCK rows. Block i's keys split at
+  its end e_i = (i + 1) * QUERY_BLOCK: when the mask lets no row see a key >= e_i (causal
+  text; bidirectional groups that do not cross a block end), the keys past e_i are skipped
+  (3/8 of the scores at 4 blocks); otherwise (a lax.cond on the mask) they are computed
+  too, and the backward recomputes their probabilities from the saved row maxima. Both
+  branches save the same residuals, so neither zero-fills the other's.
   """
-  blocks = _query_blocks(q.shape[1], k.shape[1])
-  if blocks == 1:
-    return _attention(1, q, k, v, mask)
-  return jax.lax.cond(_within_blocks(mask, blocks), functools.partial(_attention, blocks),
-                      functools.partial(_attention, 1), q, k, v, mask)
+  return _attention(_query_blocks(q.shape[1], k.shape[1]), q, k, v, mask)
 
 
 QUERY_BLOCK = 128  # rows of one query block of the blocked self-attention path
@@ -125,10 +122,24 @@ def _rows(x: jax.Array, start: int, stop: int) -> jax.Array:
 
 
 def _spans(length: int, blocks: int):
-  """(query start, query stop, key stop) of each block; one block reads every key."""
+  """(query start, query stop, own keys, later keys or None) of each block: a block's own
+  keys end where its queries do; one block (e.g. a KV-cache step) owns every key."""
+  if blocks == 1:
+    return [(0, length, slice(None), None)]
   size = length // blocks
-  return [(i * size, (i + 1) * size, (i + 1) * size if blocks > 1 else None)
-          for i in range(blocks)]
+  return [(i * size, (i + 1) * size, slice(None, (i + 1) * size),
+           slice((i + 1) * size, None) if i + 1 < blocks else None) for i in range(blocks)]
+
+
+def _scores(qb, keys, mask, groups):
+  """Scaled scores [B, KV, G*n, s] of stacked query rows qb against keys [B, KV, s, D]; rows
+  of mask [B, n, s] that are False hold a finite floor (exp() of it underflows to 0)."""
+  logits = jnp.einsum("bkqd,bksd->bkqs", qb, keys,
+                      preferred_element_type=jnp.float32) * (qb.shape[-1] ** -0.5)
+  batch, kv_heads, rows, width = logits.shape
+  grouped = logits.reshape(batch, kv_heads, groups, rows // groups, width)
+  grouped = jnp.where(mask[:, None, None], grouped, jnp.finfo(jnp.float32).min)
+  return grouped.reshape(logits.shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -137,53 +148,88 @@ def _attention(blocks, q, k, v, mask):
 
 
 def _attention_fwd(blocks, q, k, v, mask):
-  batch, length, heads, head_dim = q.shape
-  kv_heads, groups = k.shape[2], heads // k.shape[2]
+  kv_heads = k.shape[2]
   qh = _stack_heads(q, kv_heads)  # [B, KV, G, T, D]
   kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, S, D]
-  probs, norms, outs = [], [], []
-  for start, stop, key_stop in _spans(length, blocks):
-    keys = slice(None, key_stop)
-    logits = jnp.einsum("bkqd,bksd->bkqs", _rows(qh, start, stop), kh[:, :, keys],
-                        preferred_element_type=jnp.float32) * (head_dim ** -0.5)  # [B,KV,G*n,s]
-    grouped = logits.reshape(batch, kv_heads, groups, stop - start, -1)  # [B, KV, G, n, s]
-    # A finite floor (not -inf) keeps every value finite; exp() of it underflows to 0.
-    grouped = jnp.where(mask[:, None, None, start:stop, keys], grouped,
-                        jnp.finfo(jnp.float32).min)
-    p = jnp.exp(grouped - jnp.max(grouped, axis=-1, keepdims=True))  # unnormalised
-    p = p.reshape(logits.shape)
-    norm = jnp.sum(p, axis=-1, keepdims=True)  # [B, KV, G*n, 1]
-    out = jnp.einsum("bkqs,bksd->bkqd", p.astype(v.dtype), vh[:, :, keys],
-                     preferred_element_type=jnp.float32) / norm  # [B, KV, G*n, D]
+  fits = jnp.asarray(True) if blocks == 1 else _within_blocks(mask, blocks)
+  forward = lambda beyond: functools.partial(_blocks_fwd, beyond, blocks)
+  if blocks == 1:
+    out, saved = forward(False)(qh, kh, vh, mask)
+  else:
+    out, saved = jax.lax.cond(fits, forward(False), forward(True), qh, kh, vh, mask)
+  return (_unstack_heads(out).astype(q.dtype),
+          (qh, kh, vh, mask, fits, out) + saved)
+
+
+def _blocks_fwd(beyond: bool, blocks: int, qh, kh, vh, mask):
+  """out [B, KV, G, T, D] f32 and (p_own, row max, norm) per block; beyond: also the keys
+  past each block's end (their probabilities are not kept)."""
+  batch, kv_heads, groups, length, head_dim = qh.shape
+  outs, probs, maxima, norms = [], [], [], []
+  for start, stop, keys, later_keys in _spans(length, blocks):
+    beyond_here = beyond and later_keys is not None
+    qb = _rows(qh, start, stop)  # [B, KV, G*n, D]
+    own = _scores(qb, kh[:, :, keys], mask[:, start:stop, keys], groups)  # [B, KV, G*n, e]
+    top = jnp.max(own, axis=-1, keepdims=True)  # [B, KV, G*n, 1]
+    if beyond_here:
+      later = _scores(qb, kh[:, :, later_keys], mask[:, start:stop, later_keys], groups)
+      top = jnp.maximum(top, jnp.max(later, axis=-1, keepdims=True))
+    p = jnp.exp(own - top)  # unnormalised
+    norm = jnp.sum(p, axis=-1, keepdims=True)
+    out = jnp.einsum("bkqs,bksd->bkqd", p.astype(vh.dtype), vh[:, :, keys],
+                     preferred_element_type=jnp.float32)  # [B, KV, G*n, D]
+    if beyond_here:
+      p_later = jnp.exp(later - top)
+      norm = norm + jnp.sum(p_later, axis=-1, keepdims=True)
+      out = out + jnp.einsum("bkqs,bksd->bkqd", p_later.astype(vh.dtype),
+                             vh[:, :, later_keys], preferred_element_type=jnp.float32)
+    outs.append((out / norm).reshape(batch, kv_heads, groups, stop - start, head_dim))
     probs.append(p)
+    maxima.append(top)
     norms.append(norm)
-    outs.append(out.reshape(batch, kv_heads, groups, stop - start, head_dim))
   out = jnp.concatenate(outs, axis=3) if blocks > 1 else outs[0]  # [B, KV, G, T, D]
-  return _unstack_heads(out).astype(q.dtype), (qh, kh, vh, probs, norms, out)
+  return out, (tuple(probs), tuple(maxima), tuple(norms))
 
 
 def _attention_bwd(blocks, saved, d_out):
-  qh, kh, vh, probs, norms, out = saved
-  f32 = lambda x: x.astype(jnp.float32)
-  length, head_dim = d_out.shape[1], qh.shape[-1]
-  d_oh = f32(_stack_heads(d_out, kh.shape[1]))  # [B, KV, G, T, D]
-  scale = head_dim ** -0.5
-  d_qs = []
-  d_k, d_v = jnp.zeros(kh.shape, jnp.float32), jnp.zeros(vh.shape, jnp.float32)  # [B,KV,S,D]
-  for (start, stop, key_stop), p, norm in zip(_spans(length, blocks), probs, norms):
-    keys = slice(None, key_stop)
-    d_ob, ob = _rows(d_oh, start, stop), _rows(out, start, stop)  # [B, KV, G*n, D]
-    d_v = d_v.at[:, :, keys].add(jnp.einsum("bkqs,bkqd->bksd", p, d_ob / norm))
-    d_p = jnp.einsum("bkqd,bksd->bkqs", d_ob, f32(vh[:, :, keys]))  # d loss / d normalised p
-    # Softmax backward: p * (dp - sum(dp * p)), where sum(dp * p) = sum(d_out * out) per row.
-    d_logits = (p / norm) * (d_p - jnp.sum(d_ob * ob, axis=-1, keepdims=True))
-    d_qs.append(jnp.einsum("bkqs,bksd->bkqd", d_logits, f32(kh[:, :, keys])) * scale)
-    d_k = d_k.at[:, :, keys].add(
-        jnp.einsum("bkqs,bkqd->bksd", d_logits, f32(_rows(qh, start, stop))) * scale)
-  batch, kv_heads, groups = qh.shape[:3]
-  d_q = jnp.concatenate([d.reshape(batch, kv_heads, groups, -1, head_dim) for d in d_qs], axis=3)
+  qh, kh, vh, mask, fits, out, probs, maxima, norms = saved
+  d_oh = _stack_heads(d_out, kh.shape[1]).astype(jnp.float32)  # [B, KV, G, T, D]
+  backward = lambda beyond: functools.partial(_blocks_bwd, beyond, blocks)
+  args = (qh, kh, vh, mask, out, probs, maxima, norms, d_oh)
+  if blocks == 1:
+    d_q, d_k, d_v = backward(False)(*args)
+  else:
+    d_q, d_k, d_v = jax.lax.cond(fits, backward(False), backward(True), *args)
   return (_unstack_heads(d_q).astype(qh.dtype), d_k.transpose(0, 2, 1, 3).astype(kh.dtype),
           d_v.transpose(0, 2, 1, 3).astype(vh.dtype), None)
+
+
+def _blocks_bwd(beyond: bool, blocks: int, qh, kh, vh, mask, out, probs, maxima, norms, d_oh):
+  """(d_q [B, KV, G, T, D], d_k, d_v [B, KV, S, D]) of _blocks_fwd, f32."""
+  f32 = lambda x: x.astype(jnp.float32)
+  batch, kv_heads, groups, length, head_dim = qh.shape
+  scale = head_dim ** -0.5
+  d_qs = []
+  d_k, d_v = jnp.zeros(kh.shape, jnp.float32), jnp.zeros(vh.shape, jnp.float32)
+  for (start, stop, keys, later_keys), p, top, norm in zip(_spans(length, blocks), probs,
+                                                           maxima, norms):
+    qb, d_ob, ob = _rows(qh, start, stop), _rows(d_oh, start, stop), _rows(out, start, stop)
+    # Softmax backward: p * (dp - sum(dp * p)), where sum(dp * p) = sum(d_out * out) per row.
+    row = jnp.sum(d_ob * ob, axis=-1, keepdims=True)  # [B, KV, G*n, 1]
+    parts = [(keys, p)]
+    if beyond and later_keys is not None:  # recomputed from the saved row maxima
+      later = _scores(qb, kh[:, :, later_keys], mask[:, start:stop, later_keys], groups)
+      parts.append((later_keys, jnp.exp(later - top)))
+    d_qb = 0.0
+    for part, pk in parts:
+      d_v = d_v.at[:, :, part].add(jnp.einsum("bkqs,bkqd->bksd", pk, d_ob / norm))
+      d_p = jnp.einsum("bkqd,bksd->bkqs", d_ob, f32(vh[:, :, part]))  # d loss / d normalised p
+      d_logits = (pk / norm) * (d_p - row)
+      d_qb = d_qb + jnp.einsum("bkqs,bksd->bkqd", d_logits, f32(kh[:, :, part])) * scale
+      d_k = d_k.at[:, :, part].add(jnp.einsum("bkqs,bkqd->bksd", d_logits, f32(qb)) * scale)
+    d_qs.append(d_qb.reshape(batch, kv_heads, groups, stop - start, head_dim))
+  d_q = jnp.concatenate(d_qs, axis=3) if blocks > 1 else d_qs[0]
+  return d_q, d_k, d_v
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
