@@ -152,13 +152,23 @@ def _attention_fwd(blocks, q, k, v, mask):
   qh = _stack_heads(q, kv_heads)  # [B, KV, G, T, D]
   kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, S, D]
   fits = jnp.asarray(True) if blocks == 1 else _within_blocks(mask, blocks)
-  forward = lambda beyond: functools.partial(_blocks_fwd, beyond, blocks)
-  if blocks == 1:
-    out, saved = forward(False)(qh, kh, vh, mask)
-  else:
-    out, saved = jax.lax.cond(fits, forward(False), forward(True), qh, kh, vh, mask)
+  out, saved = _by_mask(_blocks_fwd, blocks, fits, qh, kh, vh, mask)
   return (_unstack_heads(out).astype(q.dtype),
           (qh, kh, vh, mask, fits, out) + saved)
+
+
+def _by_mask(fn, blocks: int, fits, *args):
+  """fn(beyond, blocks, *args): beyond=False where every block fits its own keys (always
+  with one block), else chosen at run time by fits."""
+  if blocks == 1:
+    return fn(False, 1, *args)
+  return jax.lax.cond(fits, functools.partial(fn, False, blocks),
+                      functools.partial(fn, True, blocks), *args)
+
+
+def _key_parts(beyond: bool, keys: slice, later_keys: slice | None) -> list[slice]:
+  """A block's key ranges: its own keys, and the later ones where they are computed."""
+  return [keys] if not beyond or later_keys is None else [keys, later_keys]
 
 
 def _blocks_fwd(beyond: bool, blocks: int, qh, kh, vh, mask):
@@ -167,24 +177,19 @@ def _blocks_fwd(beyond: bool, blocks: int, qh, kh, vh, mask):
   batch, kv_heads, groups, length, head_dim = qh.shape
   outs, probs, maxima, norms = [], [], [], []
   for start, stop, keys, later_keys in _spans(length, blocks):
-    beyond_here = beyond and later_keys is not None
     qb = _rows(qh, start, stop)  # [B, KV, G*n, D]
-    own = _scores(qb, kh[:, :, keys], mask[:, start:stop, keys], groups)  # [B, KV, G*n, e]
-    top = jnp.max(own, axis=-1, keepdims=True)  # [B, KV, G*n, 1]
-    if beyond_here:
-      later = _scores(qb, kh[:, :, later_keys], mask[:, start:stop, later_keys], groups)
-      top = jnp.maximum(top, jnp.max(later, axis=-1, keepdims=True))
-    p = jnp.exp(own - top)  # unnormalised
-    norm = jnp.sum(p, axis=-1, keepdims=True)
-    out = jnp.einsum("bkqs,bksd->bkqd", p.astype(vh.dtype), vh[:, :, keys],
-                     preferred_element_type=jnp.float32)  # [B, KV, G*n, D]
-    if beyond_here:
-      p_later = jnp.exp(later - top)
-      norm = norm + jnp.sum(p_later, axis=-1, keepdims=True)
-      out = out + jnp.einsum("bkqs,bksd->bkqd", p_later.astype(vh.dtype),
-                             vh[:, :, later_keys], preferred_element_type=jnp.float32)
+    parts = _key_parts(beyond, keys, later_keys)
+    scores = [_scores(qb, kh[:, :, part], mask[:, start:stop, part], groups)
+              for part in parts]  # [B, KV, G*n, keys of the part] each
+    top = functools.reduce(jnp.maximum, [jnp.max(x, axis=-1, keepdims=True)
+                                         for x in scores])  # [B, KV, G*n, 1]
+    ps = [jnp.exp(x - top) for x in scores]  # unnormalised
+    norm = sum(jnp.sum(p, axis=-1, keepdims=True) for p in ps)
+    out = sum(jnp.einsum("bkqs,bksd->bkqd", p.astype(vh.dtype), vh[:, :, part],
+                         preferred_element_type=jnp.float32)
+              for p, part in zip(ps, parts))  # [B, KV, G*n, D]
     outs.append((out / norm).reshape(batch, kv_heads, groups, stop - start, head_dim))
-    probs.append(p)
+    probs.append(ps[0])
     maxima.append(top)
     norms.append(norm)
   out = jnp.concatenate(outs, axis=3) if blocks > 1 else outs[0]  # [B, KV, G, T, D]
@@ -194,12 +199,8 @@ def _blocks_fwd(beyond: bool, blocks: int, qh, kh, vh, mask):
 def _attention_bwd(blocks, saved, d_out):
   qh, kh, vh, mask, fits, out, probs, maxima, norms = saved
   d_oh = _stack_heads(d_out, kh.shape[1]).astype(jnp.float32)  # [B, KV, G, T, D]
-  backward = lambda beyond: functools.partial(_blocks_bwd, beyond, blocks)
-  args = (qh, kh, vh, mask, out, probs, maxima, norms, d_oh)
-  if blocks == 1:
-    d_q, d_k, d_v = backward(False)(*args)
-  else:
-    d_q, d_k, d_v = jax.lax.cond(fits, backward(False), backward(True), *args)
+  d_q, d_k, d_v = _by_mask(_blocks_bwd, blocks, fits, qh, kh, vh, mask, out, probs, maxima,
+                           norms, d_oh)
   return (_unstack_heads(d_q).astype(qh.dtype), d_k.transpose(0, 2, 1, 3).astype(kh.dtype),
           d_v.transpose(0, 2, 1, 3).astype(vh.dtype), None)
 
@@ -216,10 +217,10 @@ def _blocks_bwd(beyond: bool, blocks: int, qh, kh, vh, mask, out, probs, maxima,
     qb, d_ob, ob = _rows(qh, start, stop), _rows(d_oh, start, stop), _rows(out, start, stop)
     # Softmax backward: p * (dp - sum(dp * p)), where sum(dp * p) = sum(d_out * out) per row.
     row = jnp.sum(d_ob * ob, axis=-1, keepdims=True)  # [B, KV, G*n, 1]
-    parts = [(keys, p)]
-    if beyond and later_keys is not None:  # recomputed from the saved row maxima
-      later = _scores(qb, kh[:, :, later_keys], mask[:, start:stop, later_keys], groups)
-      parts.append((later_keys, jnp.exp(later - top)))
+    own, *later = _key_parts(beyond, keys, later_keys)
+    parts = [(own, p)] + [  # the later keys' probabilities, recomputed from the row maxima
+        (part, jnp.exp(_scores(qb, kh[:, :, part], mask[:, start:stop, part], groups) - top))
+        for part in later]
     d_qb = 0.0
     for part, pk in parts:
       d_v = d_v.at[:, :, part].add(jnp.einsum("bkqs,bkqd->bksd", pk, d_ob / norm))

@@ -95,10 +95,9 @@ def layout(asg: Assignments, rows: int, capacity: int | None = None) -> Layout:
   sizes = [size for size in WINDOW_TILES if size * rows <= num_rows]
   windows, done = [], jnp.zeros_like(tiles)  # done: tiles of each expert in larger windows
   for size in sizes:
-    largest = size == sizes[0]
-    count = tiles // size if largest else (tiles - done) // size  # [E]: 0 or 1 unless largest
+    count = (tiles - done) // size  # [E]: 0 or 1 for every size but the largest
     end = jnp.cumsum(count)
-    max_windows = (-(-num_rows // (rows * size)) if largest else num_experts)
+    max_windows = -(-num_rows // (rows * size)) if size == sizes[0] else num_experts
     i = jnp.arange(max_windows, dtype=jnp.int32)
     # Unused trailing entries map past the last expert: clamped, never run.
     expert = jnp.minimum(jnp.searchsorted(end, i, side="right"), num_experts - 1)

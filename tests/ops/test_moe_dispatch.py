@@ -79,17 +79,22 @@ def _assert_close(actual, expected, what):
                              rtol=2e-5, err_msg=what)
 
 
+def _assert_matches_reference(fn, reference, args, what):
+  """fn's output and gradients (a _loss function) equal the reference's on args."""
+  (_, y), grads = fn(*args)
+  (_, y_ref), grads_ref = reference(*args)
+  _assert_close(y, y_ref, f"{what}: y")
+  for name, g, g_ref in zip(("x", "combine_weights", "w_gate", "w_up", "w_down"), grads, grads_ref):
+    _assert_close(g, g_ref, f"{what}: d/d{name}")
+
+
 @pytest.mark.parametrize("routing", sorted(ROUTINGS))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_reference_outputs_and_gradients(params, reference, backend_fns, backend, routing):
   x, combine_weights, w_gate, w_up, w_down, cotangent = params
   expert_ids = jnp.asarray(ROUTINGS[routing], jnp.int32)
   args = (x, expert_ids, combine_weights, w_gate, w_up, w_down, cotangent)
-  (_, y), grads = backend_fns[backend](*args)
-  (_, y_ref), grads_ref = reference(*args)
-  _assert_close(y, y_ref, f"{backend}/{routing}: y")
-  for name, g, g_ref in zip(("x", "combine_weights", "w_gate", "w_up", "w_down"), grads, grads_ref):
-    _assert_close(g, g_ref, f"{backend}/{routing}: d/d{name}")
+  _assert_matches_reference(backend_fns[backend], reference, args, f"{backend}/{routing}")
 
 
 def test_pallas_backend_matches_reference(params, reference):
@@ -98,12 +103,7 @@ def test_pallas_backend_matches_reference(params, reference):
   pallas_fn = _loss(expert_ffn, backend="pallas")
   for routing in ("random_with_empty_expert", "worst_case_same_k_experts"):
     args = (params[0], jnp.asarray(ROUTINGS[routing], jnp.int32)) + params[1:]
-    (_, y), grads = pallas_fn(*args)
-    (_, y_ref), grads_ref = reference(*args)
-    _assert_close(y, y_ref, f"pallas/{routing}: y")
-    for name, g, g_ref in zip(("x", "combine_weights", "w_gate", "w_up", "w_down"), grads,
-                              grads_ref):
-      _assert_close(g, g_ref, f"pallas/{routing}: d/d{name}")
+    _assert_matches_reference(pallas_fn, reference, args, f"pallas/{routing}")
 
 
 @pytest.mark.parametrize("rows", [8, 2])
@@ -144,20 +144,13 @@ def test_layout_windows_cover_each_kept_assignment_once(rows, capacity):
 
 def test_every_window_size_matches_reference(params, reference):
   # Tiles of 2 rows: loads 8 / 32 run windows of 4 / 8 + 8 tiles, random loads mix sizes.
-  x, combine_weights, w_gate, w_up, w_down, cotangent = params
   def ffn(x, ids, cw, wg, wu, wd):
     asg = moe_windows.sort_assignments(ids, E)
     return moe_windows.routed_swiglu(2, None, x, cw.reshape(-1), asg, wg, wu, wd)
   small_tiles = _loss(ffn)
   for routing in ("random_with_empty_expert", "worst_case_same_k_experts"):
-    args = (x, jnp.asarray(ROUTINGS[routing], jnp.int32), combine_weights, w_gate, w_up,
-            w_down, cotangent)
-    (_, y), grads = small_tiles(*args)
-    (_, y_ref), grads_ref = reference(*args)
-    _assert_close(y, y_ref, f"{routing}: y")
-    for name, g, g_ref in zip(("x", "combine_weights", "w_gate", "w_up", "w_down"), grads,
-                              grads_ref):
-      _assert_close(g, g_ref, f"{routing}: d/d{name}")
+    args = (params[0], jnp.asarray(ROUTINGS[routing], jnp.int32)) + params[1:]
+    _assert_matches_reference(small_tiles, reference, args, routing)
 
 
 def _drop_rule(expert_ids, capacity):
