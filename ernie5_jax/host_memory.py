@@ -11,7 +11,10 @@ as much from the same setting, so the comparison applies it to both. The cost: t
 process keeps its peak heap instead of returning freed memory to the system.
 
 Applied once when ernie5_jax is imported (stdlib only); ERNIE5_JAX_SYSTEM_MALLOC=1 in the
-environment leaves glibc's defaults. A no-op where there is no glibc (macOS, musl).
+environment leaves glibc's defaults. A no-op where there is no glibc (macOS, musl). Once a
+malloc fails in a thread (an out-of-memory error caught and survived), glibc moves that
+thread to a secondary arena whose heaps cannot hold blocks above 64 MiB: from then on those
+are mapped per call again.
 """
 
 from __future__ import annotations
