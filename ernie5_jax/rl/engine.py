@@ -77,7 +77,7 @@ def update_step(state: TrainState, fields, replay_ids, batch: dict[str, jax.Arra
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  out = {"loss": loss, "grad_norm": optax.global_norm(grads),
+  out = {"loss": loss, "grad_norm": optax.tree.norm(grads),
          "clip_fraction": metrics["clip_fraction"],
          # 1.0 iff every new parameter is finite (a finite loss can still lead to inf params).
          "params_finite": jnp.all(jnp.stack(

@@ -143,8 +143,8 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
   model.update_router_bias(jax.lax.stop_gradient(load), config.router.bias_update_rate, active)
   model.loss_ema[...] = jax.lax.stop_gradient(aux["loss_ema"])  # Posterior weighting's estimate.
   _, _, rest = nnx.split(model, nnx.Param, ...)
-  metrics["grad_norm"] = optax.global_norm(grads)
-  metrics["param_norm"] = optax.global_norm(params)
+  metrics["grad_norm"] = optax.tree.norm(grads)
+  metrics["param_norm"] = optax.tree.norm(params)
   # 1.0 iff every new parameter is finite (a finite loss can still lead to inf params): a
   # NaN or inf anywhere makes the norm non-finite, so the norm's pass over the parameters
   # is the check (a separate isfinite pass cost ~1% of a step; overflow of the sum of
