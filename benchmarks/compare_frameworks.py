@@ -8,7 +8,10 @@ mis-routed token differ). Then one worker process per contender -- this checkout
 (and optionally other checkouts holding this script, --jax_root=NAME=PATH, e.g. a
 baseline commit), torch
 eager, torch.compile -- is given the same work in alternating rounds, so load from other
-processes on a shared machine falls on all of them alike:
+processes on a shared machine falls on all of them alike. With --alone, one worker process
+runs at a time instead (each does all its rounds, then exits): on this project's 2-core VM
+ernie5_jax's medium step ran 5.0-5.9 s while a torch worker trained between its rounds,
+4.2 s with no other worker (docs/results.md), so both protocols are reported:
 
 - decode: greedy generation of --decode_tokens tokens after a 16-token prompt, batch 1
   and 8, prefill included (JAX: generate/decode.py's KV-cache steps; torch: generate with
@@ -186,6 +189,38 @@ def _has_torch(python: str) -> bool:
     return False
 
 
+def _measure(contenders, args, work, jax_probe, result, rates, decode, first, times) -> None:
+  """Logit check, matmul rates, decode and train rounds of resident `contenders` (in place)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  torch_workers = [c for c in contenders if c.name.startswith("torch")]
+  if torch_workers and "max_abs_logit_diff" not in result:
+    # The same function: transformers' logits on the probe batch vs JAX's.
+    torch_workers[0].ask(f"logits {work / 'probe.npz'} {work / 'torch_logits.npz'}")
+    torch_probe = np.load(work / "torch_logits.npz")["logits"]
+    result["max_abs_logit_diff"] = float(np.max(np.abs(torch_probe - jax_probe)))
+    result["max_abs_logit"] = float(np.max(np.abs(jax_probe)))
+    print(f"logits, transformers vs JAX: max |diff| {result['max_abs_logit_diff']:.2e} "
+          f"(max |logit| {result['max_abs_logit']:.2f})")
+  rates.update({c.name: c.ask("matmul")["flops_per_sec"] for c in contenders})
+  if not args.skip_decode:
+    for rows in (int(b) for b in args.decode_batches.split(",")):
+      per_name = decode.setdefault((f"batch_{rows}", rows), {})
+      for c in contenders:  # warm-up: compiles
+        c.ask(f"decode {rows} {args.decode_tokens}")
+        per_name[c.name] = []
+      for _ in range(args.rounds):
+        for c in contenders:
+          per_name[c.name].append(c.ask(f"decode {rows} {args.decode_tokens}")["seconds"])
+  if not args.skip_train:
+    first.update({c.name: c.ask("train 2")["seconds"] for c in contenders})  # compiles
+    times.update({c.name: [] for c in contenders})
+    for _ in range(args.rounds):
+      for c in contenders:
+        times[c.name].append(c.ask(f"train {args.train_steps}")["seconds"])
+    for c in contenders:
+      rates[c.name] = max(rates[c.name], c.ask("matmul")["flops_per_sec"])
+
+
 def main(argv: list[str] | None = None) -> int:
   """Runs the comparison (module docstring); returns the exit code."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -201,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--decode_batches", default="1,8")
   parser.add_argument("--skip_decode", action="store_true")
   parser.add_argument("--skip_train", action="store_true")
+  parser.add_argument("--alone", action="store_true",
+                      help="one worker process at a time (each runs all its rounds), instead "
+                           "of every worker resident with rounds interleaved")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--prompts", default="", help=argparse.SUPPRESS)
   parser.add_argument("--out", default="")
@@ -212,7 +250,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
   from ernie5_jax.model import flops  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   modes = [m for m in args.torch.split(",") if m]
   if modes and not _has_torch(args.side_python):
     print(f"error: --side_python={args.side_python} cannot import torch and transformers: "
@@ -222,16 +259,14 @@ def main(argv: list[str] | None = None) -> int:
   config, jax_probe = stage(args.preset, work)
   worker = lambda root: [sys.executable, str(root / "benchmarks" / "compare_frameworks.py"),
                          "--worker", f"--preset={args.preset}", f"--prompts={work / 'batches.npz'}"]
-  contenders = [Contender("ernie5_jax", worker(ROOT))]
+  specs = [("ernie5_jax", worker(ROOT))]
   for spec in args.jax_root:  # another checkout's package, driven by its copy of this script
     name, path = spec.split("=", 1)
-    contenders.append(Contender(name, worker(pathlib.Path(path).resolve())))
+    specs.append((name, worker(pathlib.Path(path).resolve())))
   for mode in modes:
-    contenders.append(Contender(
-        f"torch {mode}", [args.side_python, str(ROOT / "benchmarks" / "torch_reference.py"),
-                          f"--hf_dir={work / 'hf'}", f"--batches={work / 'batches.npz'}",
-                          f"--mode={mode}"]))
-  torch_info = next((c.info for c in contenders if c.name.startswith("torch")), {})
+    specs.append((f"torch {mode}", [args.side_python, str(ROOT / "benchmarks" / "torch_reference.py"),
+                                    f"--hf_dir={work / 'hf'}", f"--batches={work / 'batches.npz'}",
+                                    f"--mode={mode}"]))
   result = {"benchmark": "compare_frameworks", "preset": args.preset,
             "model": {k: config.model[k] for k in ("d_model", "num_layers", "num_dense_layers",
                                                    "num_heads", "num_kv_heads", "head_dim",
@@ -239,42 +274,28 @@ def main(argv: list[str] | None = None) -> int:
                                                    "top_k", "num_shared_experts", "vocab_size")},
             "batch": config.data.global_batch_size, "seq_len": config.data.seq_len,
             "rounds": args.rounds, "train_steps_per_round": args.train_steps,
-            "torch": torch_info, "contenders": [c.name for c in contenders],
-            # host_memory.keep_freed_memory() per worker (None: a checkout without it)
-            "host_malloc": {c.name: c.info.get("host_malloc") for c in contenders}}
-  try:
-    if modes:  # the same function: transformers' logits on the probe batch vs JAX's
-      contenders[-len(modes)].ask(f"logits {work / 'probe.npz'} {work / 'torch_logits.npz'}")
-      torch_probe = np.load(work / "torch_logits.npz")["logits"]
-      result["max_abs_logit_diff"] = float(np.max(np.abs(torch_probe - jax_probe)))
-      result["max_abs_logit"] = float(np.max(np.abs(jax_probe)))
-      print(f"logits, transformers vs JAX: max |diff| {result['max_abs_logit_diff']:.2e} "
-            f"(max |logit| {result['max_abs_logit']:.2f})")
-    rates = {c.name: c.ask("matmul")["flops_per_sec"] for c in contenders}
-    if not args.skip_decode:
-      result["decode"] = {}
-      for rows in (int(b) for b in args.decode_batches.split(",")):
-        for c in contenders:  # warm-up: compiles
-          c.ask(f"decode {rows} {args.decode_tokens}")
-        times = {c.name: [] for c in contenders}
-        for _ in range(args.rounds):
-          for c in contenders:
-            times[c.name].append(c.ask(f"decode {rows} {args.decode_tokens}")["seconds"])
-        result["decode"][f"batch_{rows}"] = {
-            name: {"tokens_per_sec": rows * args.decode_tokens / statistics.median(t),
-                   "seconds": t} for name, t in times.items()}
-    first, times = {}, {}
-    if not args.skip_train:
-      first = {c.name: c.ask("train 2")["seconds"] for c in contenders}  # compiles
-      times = {c.name: [] for c in contenders}
-      for _ in range(args.rounds):
-        for c in contenders:
-          times[c.name].append(c.ask(f"train {args.train_steps}")["seconds"])
+            "protocol": "alone" if args.alone else "alternating",
+            "contenders": [name for name, _ in specs], "host_malloc": {}}
+  # Alternating: every worker resident, rounds interleaved. Alone: one worker at a time.
+  groups = [[spec] for spec in specs] if args.alone else [specs]
+  rates, decode, first, times = {}, {}, {}, {}
+  for group in groups:
+    contenders = [Contender(name, argv) for name, argv in group]
+    try:
       for c in contenders:
-        rates[c.name] = max(rates[c.name], c.ask("matmul")["flops_per_sec"])
-  finally:
-    for c in contenders:
-      c.close()
+        # host_memory.keep_freed_memory() per worker (None: a checkout without it)
+        result["host_malloc"][c.name] = c.info.get("host_malloc")
+        if c.name.startswith("torch"):
+          result.setdefault("torch", c.info)
+      _measure(contenders, args, work, jax_probe, result, rates, decode, first, times)
+    finally:
+      for c in contenders:
+        c.close()
+  if decode:
+    result["decode"] = {key: {name: {"tokens_per_sec": rows * args.decode_tokens /
+                                     statistics.median(t), "seconds": t}
+                              for name, t in per_name.items()}
+                        for (key, rows), per_name in decode.items()}
   tokens_per_step = config.data.global_batch_size * config.data.seq_len
   flops_per_token = flops.train_flops_per_token(config)
   result["train"] = {}
