@@ -21,8 +21,8 @@ ernie5_jax's medium step ran 5.0-5.9 s while a torch worker trained between its 
   (compile) are timed separately.
 
 Every worker of this checkout, torch's included, runs with ernie5_jax/host_memory.py's
-allocator setting (freed buffers stay in the heap; PyTorch gains about as much from it as
-JAX); ERNIE5_JAX_SYSTEM_MALLOC=1 runs them all with glibc's defaults instead.
+allocator setting (freed buffers stay in the heap); ERNIE5_JAX_SYSTEM_MALLOC=1 runs them
+all with glibc's defaults instead.
 
 tokens/s are medians over the rounds; MFU is against each framework's own best f32
 [1024, 1024] matmul rate measured in the same run (model FLOPs: model/flops.py).
@@ -31,8 +31,9 @@ tokens/s are medians over the rounds; MFU is against each framework's own best f
   python benchmarks/compare_frameworks.py --preset=small --side_python=/work/side-venv/bin/python
   python benchmarks/compare_frameworks.py --preset=medium --rounds=3 --train_steps=2
 
-Writes benchmarks/results/compare_frameworks_<preset>.json and prints a markdown table
-(--skip_train: decode only, as benchmarks/decode_speed.py --preset runs it).
+Writes benchmarks/results/compare_frameworks_<preset>[_alone][_system_malloc].json and
+prints a markdown table (--skip_train: decode only, as benchmarks/decode_speed.py --preset
+runs it).
 """
 
 from __future__ import annotations
@@ -306,7 +307,10 @@ def main(argv: list[str] | None = None) -> int:
                              "first_2_steps_s": first[name], "matmul_flops_per_sec": rates[name],
                              "mfu": tps * flops_per_token / rates[name], "seconds": t}
   report(result)
-  stem = f"compare_frameworks_{args.preset}" + ("_decode" if args.skip_train else "")
+  from ernie5_jax import host_memory  # pylint: disable=g-import-not-at-top
+  stem = (f"compare_frameworks_{args.preset}" + ("_alone" if args.alone else "")
+          + ("" if host_memory.keep_freed_memory() else "_system_malloc")
+          + ("_decode" if args.skip_train else ""))
   out = pathlib.Path(args.out or ROOT / "benchmarks" / "results" / f"{stem}.json")
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(result, indent=2) + "\n")
