@@ -10,8 +10,8 @@ baseline commit), torch
 eager, torch.compile -- is given the same work in alternating rounds, so load from other
 processes on a shared machine falls on all of them alike. With --alone, one worker process
 runs at a time instead (each does all its rounds, then exits): on this project's 2-core VM
-ernie5_jax's medium step ran 5.0-5.9 s while a torch worker trained between its rounds,
-4.2 s with no other worker (docs/results.md), so both protocols are reported:
+ernie5_jax's medium step ran 4.8-5.9 s in most rounds while a torch worker trained between
+its rounds, 4.2 s with no other worker (docs/results.md), so both protocols are reported:
 
 - decode: greedy generation of --decode_tokens tokens after a 16-token prompt, batch 1
   and 8, prefill included (JAX: generate/decode.py's KV-cache steps; torch: generate with
@@ -39,6 +39,7 @@ runs it).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import statistics
@@ -190,8 +191,17 @@ def _has_torch(python: str) -> bool:
     return False
 
 
-def _measure(contenders, args, work, jax_probe, result, rates, decode, first, times) -> None:
-  """Logit check, matmul rates, decode and train rounds of resident `contenders` (in place)."""
+@dataclasses.dataclass
+class Tally:
+  """What the rounds measured, by contender name."""
+  rates: dict = dataclasses.field(default_factory=dict)  # best f32 matmul FLOP/s
+  decode: dict = dataclasses.field(default_factory=dict)  # ("batch_B", B) -> name -> [s]
+  first: dict = dataclasses.field(default_factory=dict)  # seconds of the first 2 train steps
+  times: dict = dataclasses.field(default_factory=dict)  # seconds of each train round
+
+
+def _measure(contenders, args, work, jax_probe, result: dict, tally: Tally) -> None:
+  """Logit check, matmul rates, decode and train rounds of resident `contenders`."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   torch_workers = [c for c in contenders if c.name.startswith("torch")]
   if torch_workers and "max_abs_logit_diff" not in result:
@@ -202,10 +212,10 @@ def _measure(contenders, args, work, jax_probe, result, rates, decode, first, ti
     result["max_abs_logit"] = float(np.max(np.abs(jax_probe)))
     print(f"logits, transformers vs JAX: max |diff| {result['max_abs_logit_diff']:.2e} "
           f"(max |logit| {result['max_abs_logit']:.2f})")
-  rates.update({c.name: c.ask("matmul")["flops_per_sec"] for c in contenders})
+  tally.rates.update({c.name: c.ask("matmul")["flops_per_sec"] for c in contenders})
   if not args.skip_decode:
     for rows in (int(b) for b in args.decode_batches.split(",")):
-      per_name = decode.setdefault((f"batch_{rows}", rows), {})
+      per_name = tally.decode.setdefault((f"batch_{rows}", rows), {})
       for c in contenders:  # warm-up: compiles
         c.ask(f"decode {rows} {args.decode_tokens}")
         per_name[c.name] = []
@@ -213,13 +223,13 @@ def _measure(contenders, args, work, jax_probe, result, rates, decode, first, ti
         for c in contenders:
           per_name[c.name].append(c.ask(f"decode {rows} {args.decode_tokens}")["seconds"])
   if not args.skip_train:
-    first.update({c.name: c.ask("train 2")["seconds"] for c in contenders})  # compiles
-    times.update({c.name: [] for c in contenders})
+    tally.first.update({c.name: c.ask("train 2")["seconds"] for c in contenders})  # compiles
+    tally.times.update({c.name: [] for c in contenders})
     for _ in range(args.rounds):
       for c in contenders:
-        times[c.name].append(c.ask(f"train {args.train_steps}")["seconds"])
+        tally.times[c.name].append(c.ask(f"train {args.train_steps}")["seconds"])
     for c in contenders:
-      rates[c.name] = max(rates[c.name], c.ask("matmul")["flops_per_sec"])
+      tally.rates[c.name] = max(tally.rates[c.name], c.ask("matmul")["flops_per_sec"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,9 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     name, path = spec.split("=", 1)
     specs.append((name, worker(pathlib.Path(path).resolve())))
   for mode in modes:
-    specs.append((f"torch {mode}", [args.side_python, str(ROOT / "benchmarks" / "torch_reference.py"),
-                                    f"--hf_dir={work / 'hf'}", f"--batches={work / 'batches.npz'}",
-                                    f"--mode={mode}"]))
+    specs.append((f"torch {mode}",
+                  [args.side_python, str(ROOT / "benchmarks" / "torch_reference.py"),
+                   f"--hf_dir={work / 'hf'}", f"--batches={work / 'batches.npz'}",
+                   f"--mode={mode}"]))
   result = {"benchmark": "compare_frameworks", "preset": args.preset,
             "model": {k: config.model[k] for k in ("d_model", "num_layers", "num_dense_layers",
                                                    "num_heads", "num_kv_heads", "head_dim",
@@ -279,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             "contenders": [name for name, _ in specs], "host_malloc": {}}
   # Alternating: every worker resident, rounds interleaved. Alone: one worker at a time.
   groups = [[spec] for spec in specs] if args.alone else [specs]
-  rates, decode, first, times = {}, {}, {}, {}
+  tally = Tally()
   for group in groups:
     contenders = [Contender(name, argv) for name, argv in group]
     try:
@@ -288,24 +299,25 @@ def main(argv: list[str] | None = None) -> int:
         result["host_malloc"][c.name] = c.info.get("host_malloc")
         if c.name.startswith("torch"):
           result.setdefault("torch", c.info)
-      _measure(contenders, args, work, jax_probe, result, rates, decode, first, times)
+      _measure(contenders, args, work, jax_probe, result, tally)
     finally:
       for c in contenders:
         c.close()
-  if decode:
+  if tally.decode:
     result["decode"] = {key: {name: {"tokens_per_sec": rows * args.decode_tokens /
                                      statistics.median(t), "seconds": t}
                               for name, t in per_name.items()}
-                        for (key, rows), per_name in decode.items()}
+                        for (key, rows), per_name in tally.decode.items()}
   tokens_per_step = config.data.global_batch_size * config.data.seq_len
   flops_per_token = flops.train_flops_per_token(config)
   result["train"] = {}
-  for name, t in times.items():
+  for name, t in tally.times.items():
     tps = args.train_steps * tokens_per_step / statistics.median(t)
+    rate = tally.rates[name]
     result["train"][name] = {"tokens_per_sec": tps,
                              "ms_per_step": 1e3 * statistics.median(t) / args.train_steps,
-                             "first_2_steps_s": first[name], "matmul_flops_per_sec": rates[name],
-                             "mfu": tps * flops_per_token / rates[name], "seconds": t}
+                             "first_2_steps_s": tally.first[name], "matmul_flops_per_sec": rate,
+                             "mfu": tps * flops_per_token / rate, "seconds": t}
   report(result)
   from ernie5_jax import host_memory  # pylint: disable=g-import-not-at-top
   stem = (f"compare_frameworks_{args.preset}" + ("_alone" if args.alone else "")

@@ -23,8 +23,8 @@ _PROBE = textwrap.dedent("""
     from ernie5_jax import host_memory
 
     class MallInfo2(ctypes.Structure):
-      _fields_ = [(name, ctypes.c_size_t) for name in
-                  "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+      _fields_ = [(name, ctypes.c_size_t) for name in (
+          "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split())]
 
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = MallInfo2
