@@ -22,7 +22,7 @@ its rounds, 4.2 s with no other worker (docs/results.md), so both protocols are 
 
 Every worker of this checkout, torch's included, runs with ernie5_jax/host_memory.py's
 allocator setting (freed buffers stay in the heap); ERNIE5_JAX_SYSTEM_MALLOC=1 runs them
-all with glibc's defaults instead.
+all with glibc's defaults instead, ERNIE5_JAX_ONE_ARENA=1 all with one malloc arena.
 
 tokens/s are medians over the rounds; MFU is against each framework's own best f32
 [1024, 1024] matmul rate measured in the same run (model FLOPs: model/flops.py).
@@ -31,9 +31,9 @@ tokens/s are medians over the rounds; MFU is against each framework's own best f
   python benchmarks/compare_frameworks.py --preset=small --side_python=/work/side-venv/bin/python
   python benchmarks/compare_frameworks.py --preset=medium --rounds=3 --train_steps=2
 
-Writes benchmarks/results/compare_frameworks_<preset>[_alone][_system_malloc].json and
-prints a markdown table (--skip_train: decode only, as benchmarks/decode_speed.py --preset
-runs it).
+Writes benchmarks/results/compare_frameworks_<preset>[_alone][_system_malloc][_one_arena]
+.json and prints a markdown table (--skip_train: decode only, as benchmarks/decode_speed.py
+--preset runs it).
 """
 
 from __future__ import annotations
@@ -257,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
   if args.worker:
     from ernie5_jax import host_memory  # pylint: disable=g-import-not-at-top
     worker_protocol.serve(JaxWorker(args.preset, args.prompts),
-                          host_malloc=host_memory.keep_freed_memory())
+                          host_malloc=host_memory.keep_freed_memory(),
+                          one_arena=host_memory.one_arena())
     return 0
 
   from ernie5_jax.model import flops  # pylint: disable=g-import-not-at-top
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             "batch": config.data.global_batch_size, "seq_len": config.data.seq_len,
             "rounds": args.rounds, "train_steps_per_round": args.train_steps,
             "protocol": "alone" if args.alone else "alternating",
-            "contenders": [name for name, _ in specs], "host_malloc": {}}
+            "contenders": [name for name, _ in specs], "host_malloc": {}, "one_arena": {}}
   # Alternating: every worker resident, rounds interleaved. Alone: one worker at a time.
   groups = [[spec] for spec in specs] if args.alone else [specs]
   tally = Tally()
@@ -295,8 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     contenders = [Contender(name, argv) for name, argv in group]
     try:
       for c in contenders:
-        # host_memory.keep_freed_memory() per worker (None: a checkout without it)
+        # host_memory.keep_freed_memory() / one_arena() per worker (None: a checkout
+        # without them)
         result["host_malloc"][c.name] = c.info.get("host_malloc")
+        result["one_arena"][c.name] = c.info.get("one_arena")
         if c.name.startswith("torch"):
           result.setdefault("torch", c.info)
       _measure(contenders, args, work, jax_probe, result, tally)
@@ -322,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
   from ernie5_jax import host_memory  # pylint: disable=g-import-not-at-top
   stem = (f"compare_frameworks_{args.preset}" + ("_alone" if args.alone else "")
           + ("" if host_memory.keep_freed_memory() else "_system_malloc")
+          + ("_one_arena" if host_memory.one_arena() else "")
           + ("_decode" if args.skip_train else ""))
   out = pathlib.Path(args.out or ROOT / "benchmarks" / "results" / f"{stem}.json")
   out.parent.mkdir(parents=True, exist_ok=True)

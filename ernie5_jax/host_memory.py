@@ -2,18 +2,19 @@
 
 XLA's CPU runtime allocates each executable's results and temporaries with malloc, from
 its worker threads. glibc serves a block above its mmap threshold (128 KiB, adapting up to
-32 MiB) with fresh mmap'd pages and unmaps it on free; a thread other than the main one
-allocates from a secondary arena, whose heaps cannot hold a block above 64 MiB at all. So
-every train step page-faults its large buffers anew (the "small" preset's 427 MiB of
-temporaries are mapped and unmapped once per step): the kernel zero-fills each page before
-XLA writes it. Three mallopt settings make freed blocks stay in the heap and be reused by
-the next step: one arena for every thread, and the mmap and trim thresholds raised. The
-cost: the process keeps its peak heap instead of returning freed memory to the system, and
-threads share one malloc lock (XLA allocates a few buffers per step).
+32 MiB) with fresh mmap'd pages and unmaps it on free, so every train step page-faults its
+large buffers anew: the kernel zero-fills each page before XLA writes it. Raising the mmap
+and trim thresholds keeps freed blocks in the heap for the next step. The cost: the
+process keeps its peak heap instead of returning freed memory to the system.
 
-Measured on the 2-core CPU: benchmarks/compare_frameworks.py runs every contender, PyTorch
-included, with or without this setting (docs/results.md). PyTorch allocates on its main
-thread, so the thresholds alone give it the whole gain.
+A thread other than the main one allocates from a secondary arena, whose heaps cannot hold
+a block above 64 MiB: those blocks are still mapped per call (the "small" preset's 427 MiB
+of step temporaries, once per step). ERNIE5_JAX_ONE_ARENA=1 also makes every thread
+allocate from the main heap (M_ARENA_MAX=1), which keeps them too: the small step ran
+4-7% faster, but XLA's compiles ran ~30% slower (9.6 -> 12.6 s for the small step, three
+alternations), as its compile threads then share one malloc lock. So it is opt-in, for
+long CPU runs. PyTorch allocates on its main thread, so the thresholds alone give it the
+whole gain (docs/results.md).
 
 Applied once when ernie5_jax is imported (stdlib only); threads that allocated before that
 keep their arenas. ERNIE5_JAX_SYSTEM_MALLOC=1 in the environment leaves glibc's defaults.
@@ -33,10 +34,14 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 # per call. benchmarks/presets.py's "medium" step holds 1.95 GiB of temporaries.
 MMAP_THRESHOLD = (1 << 31) - 1
 TRIM_THRESHOLD = (1 << 31) - 1  # never return the heap top to the system
-ARENA_MAX = 1  # every thread allocates from the main heap
 OPT_OUT = "ERNIE5_JAX_SYSTEM_MALLOC"
+ONE_ARENA = "ERNIE5_JAX_ONE_ARENA"
 
 _applied: bool | None = None
+
+
+def _env_flag(name: str) -> bool:
+  return os.environ.get(name, "") not in ("", "0")
 
 
 def keep_freed_memory() -> bool:
@@ -44,12 +49,17 @@ def keep_freed_memory() -> bool:
   global _applied
   if _applied is None:
     _applied = False
-    if sys.platform.startswith("linux") and os.environ.get(OPT_OUT, "") in ("", "0"):
+    if sys.platform.startswith("linux") and not _env_flag(OPT_OUT):
       try:
         libc = ctypes.CDLL("libc.so.6")
-        _applied = bool(libc.mallopt(_M_ARENA_MAX, ARENA_MAX)
+        _applied = bool((not _env_flag(ONE_ARENA) or libc.mallopt(_M_ARENA_MAX, 1))
                         and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
                         and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
       except (OSError, AttributeError):  # not glibc
         _applied = False
   return _applied
+
+
+def one_arena() -> bool:
+  """Whether every thread allocates from the main heap (ERNIE5_JAX_ONE_ARENA=1, applied)."""
+  return bool(keep_freed_memory() and _env_flag(ONE_ARENA))

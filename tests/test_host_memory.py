@@ -1,10 +1,11 @@
-"""host_memory: one arena, glibc's mmap / trim thresholds raised on import, and the opt-out.
+"""host_memory: glibc's mmap / trim thresholds raised on import, one arena on request, opt-out.
 
 Each check runs in a fresh interpreter: the heap is process-global state, and a malloc that
 once failed in a test process (a deliberate out-of-memory case, say) moves glibc's main
 thread to a secondary arena for good, where large blocks are always mapped.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -12,13 +13,17 @@ import textwrap
 
 import pytest
 
-GLIBC = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION") is not None
+from ernie5_jax import host_memory
 
-# Prints "<setting applied> <bytes mapped for a 1-byte block> <bytes mapped for 256 MiB>",
-# both allocated from a new thread (as XLA's CPU runtime allocates from its worker threads).
-_PROBE = textwrap.dedent("""
-    import ctypes
-    import threading
+GLIBC = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION") is not None
+BLOCK = 256 << 20  # above glibc's default threshold (128 KiB, adapting up to 32 MiB) and
+# above what a secondary arena's heap can hold (64 MiB)
+
+# Prints, as JSON, whether the setting is applied and the bytes glibc serves by mmap while
+# a 1-byte and a BLOCK-byte block are held, from the main thread and from a new thread (as
+# XLA's CPU runtime allocates from its worker threads).
+_PROBE = textwrap.dedent(f"""
+    import ctypes, json, threading
     import ernie5_jax
     from ernie5_jax import host_memory
 
@@ -30,41 +35,54 @@ _PROBE = textwrap.dedent("""
     libc.mallinfo2.restype = MallInfo2
     libc.malloc.restype = ctypes.c_void_p
 
-    def mapped_bytes_while_holding(num_bytes):
+    def mapped(num_bytes):
       block = libc.malloc(ctypes.c_size_t(num_bytes))
       try:
-        return libc.mallinfo2().hblkhd  # bytes glibc serves by mmap
+        return libc.mallinfo2().hblkhd
       finally:
         libc.free(ctypes.c_void_p(block))
 
-    figures = []
-    worker = threading.Thread(target=lambda: figures.extend(
-        [mapped_bytes_while_holding(1), mapped_bytes_while_holding(256 << 20)]))
+    out = dict(applied=host_memory.keep_freed_memory(), one_arena=host_memory.one_arena(),
+               main=[mapped(1), mapped({BLOCK})])
+    worker = threading.Thread(target=lambda: out.update(thread=[mapped(1), mapped({BLOCK})]))
     worker.start()
     worker.join()
-    print(host_memory.keep_freed_memory(), *figures)
+    print(json.dumps(out))
 """)
 
 
-def _probe(**env) -> tuple[bool, int, int]:
-  """Runs _PROBE in a fresh interpreter with env added; returns its three figures."""
-  out = subprocess.run([sys.executable, "-c", _PROBE], env=dict(os.environ, **env),
-                       capture_output=True, text=True, check=True).stdout.split()
-  return out[0] == "True", int(out[1]), int(out[2])
+def _probe(**env) -> dict:
+  """Runs _PROBE in a fresh interpreter with env added; returns its figures."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in (host_memory.OPT_OUT, host_memory.ONE_ARENA)} | env
+  out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True,
+                       text=True, check=True).stdout
+  return json.loads(out)
+
+
+def _kept(pair: list[int]) -> bool:
+  small, large = pair
+  return large == small
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc only")
-def test_import_keeps_large_blocks_in_the_heap():
-  applied, small, large = _probe()
-  assert applied
-  # 256 MiB: far above glibc's default threshold (128 KiB, adapting up to 32 MiB) and above
-  # what a secondary arena's heap can hold (64 MiB).
-  assert large == small
+def test_import_keeps_large_blocks_of_the_main_thread_in_the_heap():
+  out = _probe()
+  assert out["applied"] and not out["one_arena"]
+  assert _kept(out["main"])
+  assert not _kept(out["thread"])  # a secondary arena maps it: what ONE_ARENA is for
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc only")
+def test_one_arena_keeps_large_blocks_of_every_thread_in_the_heap():
+  out = _probe(**{host_memory.ONE_ARENA: "1"})
+  assert out["applied"] and out["one_arena"]
+  assert _kept(out["main"]) and _kept(out["thread"])
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc only")
 def test_opt_out_leaves_glibc_defaults():
-  from ernie5_jax import host_memory
-  applied, small, large = _probe(**{host_memory.OPT_OUT: "1"})
-  assert not applied
-  assert large >= small + (256 << 20)
+  out = _probe(**{host_memory.OPT_OUT: "1", host_memory.ONE_ARENA: "1"})
+  assert not out["applied"] and not out["one_arena"]
+  small, large = out["main"]
+  assert large >= small + BLOCK
