@@ -53,8 +53,9 @@ _PROBE = textwrap.dedent(f"""
 
 def _probe(**env) -> dict:
   """Runs _PROBE in a fresh interpreter with env added; returns its figures."""
-  env = {k: v for k, v in os.environ.items()
-         if k not in (host_memory.OPT_OUT, host_memory.ONE_ARENA)} | env
+  # glibc's own arena settings from the caller's environment would change what is probed.
+  ignored = (host_memory.OPT_OUT, host_memory.ONE_ARENA, "MALLOC_ARENA_MAX", "GLIBC_TUNABLES")
+  env = {k: v for k, v in os.environ.items() if k not in ignored} | env
   out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True,
                        text=True, check=True).stdout
   return json.loads(out)
