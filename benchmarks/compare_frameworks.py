@@ -256,9 +256,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   if args.worker:
     from ernie5_jax import host_memory  # pylint: disable=g-import-not-at-top
-    worker_protocol.serve(JaxWorker(args.preset, args.prompts),
-                          host_malloc=host_memory.keep_freed_memory(),
-                          one_arena=host_memory.one_arena())
+    worker_protocol.serve(JaxWorker(args.preset, args.prompts), **host_memory.info())
     return 0
 
   from ernie5_jax.model import flops  # pylint: disable=g-import-not-at-top
@@ -296,8 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     contenders = [Contender(name, argv) for name, argv in group]
     try:
       for c in contenders:
-        # host_memory.keep_freed_memory() / one_arena() per worker (None: a checkout
-        # without them)
+        # host_memory.info() per worker (None: a checkout without it)
         result["host_malloc"][c.name] = c.info.get("host_malloc")
         result["one_arena"][c.name] = c.info.get("one_arena")
         if c.name.startswith("torch"):

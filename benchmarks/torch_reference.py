@@ -111,8 +111,7 @@ def main() -> None:
   torch.manual_seed(0)
   worker = Worker(args.hf_dir, args.batches, args.mode, args.lr)
   info = {"torch": torch.__version__, "transformers": transformers.__version__,
-          "threads": torch.get_num_threads(), "host_malloc": host_memory.keep_freed_memory(),
-          "one_arena": host_memory.one_arena()}
+          "threads": torch.get_num_threads(), **host_memory.info()}
   worker_protocol.serve(worker, **info)
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ CONTAINERS = ("while", "conditional", "call")
 CATEGORIES = (
     ("MoE experts (routed SwiGLU)", r"while/body/.*while/body|moe_windows\.py|moe_slots\.py|"
                                     r"g[cdf]{2},g[cdf]{2}->g"),
-    ("optimizer (AdamW, clip, norms)", r"optax|optimizer\.py|global_norm|tree\.norm|params_finite"),
+    ("optimizer (AdamW, clip, norms)", r"optax|optimizer\.py|tree\.norm|params_finite"),
     ("router bias / loss EMA update", r"update_router_bias"),
     ("MoE routing + sort", r"router\.py|moe_dispatch\.py|model/moe\.py"),
     ("attention (scores, softmax, mask)", r"ops/attention\.py"),

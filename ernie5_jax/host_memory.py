@@ -37,29 +37,42 @@ TRIM_THRESHOLD = (1 << 31) - 1  # never return the heap top to the system
 OPT_OUT = "ERNIE5_JAX_SYSTEM_MALLOC"
 ONE_ARENA = "ERNIE5_JAX_ONE_ARENA"
 
-_applied: bool | None = None
+_state: tuple[bool, bool] | None = None  # (thresholds raised, one arena), once applied
 
 
 def _env_flag(name: str) -> bool:
   return os.environ.get(name, "") not in ("", "0")
 
 
+def _apply() -> tuple[bool, bool]:
+  """Makes the mallopt calls the environment asks for; returns what took effect."""
+  if not sys.platform.startswith("linux") or _env_flag(OPT_OUT):
+    return False, False
+  one = _env_flag(ONE_ARENA)
+  settings = [(_M_ARENA_MAX, 1)] if one else []
+  settings += [(_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD)]
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+    applied = all(libc.mallopt(param, value) for param, value in settings)
+  except (OSError, AttributeError):  # not glibc
+    return False, False
+  return applied, applied and one
+
+
 def keep_freed_memory() -> bool:
   """Applies the heap settings once per process; returns whether they are set."""
-  global _applied
-  if _applied is None:
-    _applied = False
-    if sys.platform.startswith("linux") and not _env_flag(OPT_OUT):
-      try:
-        libc = ctypes.CDLL("libc.so.6")
-        _applied = bool((not _env_flag(ONE_ARENA) or libc.mallopt(_M_ARENA_MAX, 1))
-                        and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-                        and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-      except (OSError, AttributeError):  # not glibc
-        _applied = False
-  return _applied
+  global _state
+  if _state is None:
+    _state = _apply()
+  return _state[0]
 
 
 def one_arena() -> bool:
   """Whether every thread allocates from the main heap (ERNIE5_JAX_ONE_ARENA=1, applied)."""
-  return bool(keep_freed_memory() and _env_flag(ONE_ARENA))
+  keep_freed_memory()
+  return _state[1]
+
+
+def info() -> dict[str, bool]:
+  """The settings in effect, as benchmark workers report them."""
+  return {"host_malloc": keep_freed_memory(), "one_arena": one_arena()}
