@@ -66,3 +66,12 @@ def test_gradients_are_clipped_to_the_global_norm():
   _, state = tx.update(grads, tx.init(params), params)
   mu = optax.tree_utils.tree_get(state, "mu")  # Adam's first moment = (1 - b1) * clipped grad
   np.testing.assert_allclose(mu["w"], 0.1 * 10.0 / 20.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("value", [0.0, 0.1, 10.0, np.nan])
+def test_clip_by_global_norm_matches_optax(value):
+  grads = {"a": jnp.full((3, 2), value), "b": {"c": jnp.arange(4.0) * value}}
+  ours, _ = optimizer.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+  theirs, _ = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+  for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+    np.testing.assert_allclose(got, want, rtol=1e-6)  # NaN where optax gives NaN
