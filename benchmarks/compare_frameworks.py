@@ -256,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   if args.worker:
     from ernie5_jax import host_memory  # pylint: disable=g-import-not-at-top
+    if argv is None:  # run as a command (not called in-process): as ernie5_jax.main runs
+      host_memory.restart_with_huge_pages()
     worker_protocol.serve(JaxWorker(args.preset, args.prompts), **host_memory.info())
     return 0
 

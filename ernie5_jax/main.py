@@ -62,7 +62,11 @@ collectives, Mosaic kernels and a roofline step time; compile_report.json goes t
 
 from __future__ import annotations
 
-import difflib
+if __name__ == "__main__":  # before the heavy imports: may re-execute this command once
+  from ernie5_jax import host_memory as _host_memory
+  _host_memory.restart_with_huge_pages()
+
+import difflib  # pylint: disable=g-import-not-at-top,wrong-import-position
 import importlib
 import logging as py_logging
 import os

@@ -87,3 +87,40 @@ def test_opt_out_leaves_glibc_defaults():
   assert not out["applied"] and not out["one_arena"]
   small, large = out["main"]
   assert large >= small + BLOCK
+
+
+def test_environment_adds_the_huge_page_tunable_once_and_keeps_the_others():
+  env = host_memory.environment({"GLIBC_TUNABLES": "glibc.malloc.check=0", "X": "1"})
+  assert env == {"GLIBC_TUNABLES": f"glibc.malloc.check=0:{host_memory.HUGE_PAGES}", "X": "1"}
+  assert host_memory.environment(env) == env
+  assert "GLIBC_TUNABLES" not in host_memory.environment({host_memory.OPT_OUT: "1"})
+
+
+# Prints "start" each time it runs, then whether the process has the tunable, as JSON.
+_RESTART = textwrap.dedent("""
+    import json, os
+    print("start", flush=True)
+    from ernie5_jax import host_memory
+    host_memory.restart_with_huge_pages()
+    print(json.dumps(dict(huge=host_memory.huge_pages(), info=host_memory.info(),
+                          tunables=os.environ.get("GLIBC_TUNABLES"))))
+""")
+
+
+def _restart(**env) -> tuple[int, dict]:
+  """Runs _RESTART fresh with env added; returns (times it started, its JSON line)."""
+  ignored = (host_memory.OPT_OUT, "GLIBC_TUNABLES")
+  env = {k: v for k, v in os.environ.items() if k not in ignored} | env
+  lines = subprocess.run([sys.executable, "-c", _RESTART], env=env, capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+  return lines.count("start"), json.loads(lines[-1])
+
+
+@pytest.mark.skipif(not GLIBC or host_memory._glibc_version() < (2, 35),  # pylint: disable=protected-access
+                    reason="glibc >= 2.35 only")
+def test_restart_adds_huge_pages_once_and_honours_the_opt_out():
+  starts, out = _restart(GLIBC_TUNABLES="glibc.malloc.check=0")
+  assert starts == 2 and out["huge"] and out["info"]["huge_pages"]
+  assert out["tunables"] == f"glibc.malloc.check=0:{host_memory.HUGE_PAGES}"
+  starts, out = _restart(**{host_memory.OPT_OUT: "1"})
+  assert starts == 1 and not out["huge"] and out["tunables"] is None
