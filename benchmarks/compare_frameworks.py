@@ -288,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             "batch": config.data.global_batch_size, "seq_len": config.data.seq_len,
             "rounds": args.rounds, "train_steps_per_round": args.train_steps,
             "protocol": "alone" if args.alone else "alternating",
-            "contenders": [name for name, _ in specs], "host_malloc": {}, "one_arena": {}}
+            "contenders": [name for name, _ in specs], "host_malloc": {}, "one_arena": {},
+            "huge_pages": {}}
   # Alternating: every worker resident, rounds interleaved. Alone: one worker at a time.
   groups = [[spec] for spec in specs] if args.alone else [specs]
   tally = Tally()
@@ -299,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         # host_memory.info() per worker (None: a checkout without it)
         result["host_malloc"][c.name] = c.info.get("host_malloc")
         result["one_arena"][c.name] = c.info.get("one_arena")
+        result["huge_pages"][c.name] = c.info.get("huge_pages")
         if c.name.startswith("torch"):
           result.setdefault("torch", c.info)
       _measure(contenders, args, work, jax_probe, result, tally)

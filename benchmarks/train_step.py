@@ -27,6 +27,7 @@ import json
 import os
 import pathlib
 import re
+import resource
 import runpy
 import sys
 import tempfile
@@ -282,8 +283,11 @@ def main(argv=None) -> int:
       if event == "/jax/core/compile/backend_compile_duration" else None)
   first_s = runner.run(1)
   steady_steps = args.steps - 1
+  usage = resource.getrusage(resource.RUSAGE_SELF)
   steady_s = runner.run(steady_steps)
+  after = resource.getrusage(resource.RUSAGE_SELF)
   backend_compiles = len(compiles)
+  per_step = lambda field: (getattr(after, field) - getattr(usage, field)) / steady_steps
 
   tokens_per_step = config.data.global_batch_size * config.data.seq_len
   tokens_per_sec = steady_steps * tokens_per_step / steady_s
@@ -301,6 +305,12 @@ def main(argv=None) -> int:
       "steps": args.steps,
       "first_step_s (compile + run)": first_s,
       "step_ms": 1e3 * steady_s / steady_steps,
+      # Host cost of a step: CPU time (user + system) and page faults that zero-fill fresh
+      # memory (ernie5_jax/host_memory.py; what its settings change).
+      "cpu_ms_per_step": 1e3 * (per_step("ru_utime") + per_step("ru_stime")),
+      "system_ms_per_step": 1e3 * per_step("ru_stime"),
+      "page_faults_per_step": per_step("ru_minflt"),
+      "host_memory": host_memory.info(),
       "tokens_per_sec": tokens_per_sec,
       "total_params": runner.num_params,
       "active_matmul_params": params,
@@ -317,6 +327,9 @@ def main(argv=None) -> int:
   print(f"  model FLOPs {flops_per_token / 1e6:.2f} MFLOP/token -> "
         f"{result['model_flops_per_sec'] / 1e9:.2f} GFLOP/s; f32 matmul "
         f"{matmul_rate / 1e9:.1f} GFLOP/s; MFU {100 * mfu:.1f}%")
+  print(f"  host: CPU {result['cpu_ms_per_step']:,.0f} ms/step (system "
+        f"{result['system_ms_per_step']:,.0f}), {result['page_faults_per_step']:,.0f} page "
+        f"faults/step; {result['host_memory']}")
   print(f"  first step {first_s:.1f} s (compile); train step compiled {runner.compiles()}x over "
         f"{args.steps} steps; total params {result['total_params']:,}, active matmul params "
         f"{sum(params.values()):,}")

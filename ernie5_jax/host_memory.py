@@ -48,6 +48,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 MMAP_THRESHOLD = (1 << 31) - 1
 TRIM_THRESHOLD = (1 << 31) - 1  # never return the heap top to the system
 HUGE_PAGES = "glibc.malloc.hugetlb=1"  # a GLIBC_TUNABLES entry (glibc >= 2.35)
+_HUGE_PAGES_KEY = HUGE_PAGES.split("=")[0] + "="
 OPT_OUT = "ERNIE5_JAX_SYSTEM_MALLOC"
 ONE_ARENA = "ERNIE5_JAX_ONE_ARENA"
 
@@ -103,10 +104,15 @@ def huge_pages() -> bool:
 
 
 def environment(env: dict[str, str] | None = None) -> dict[str, str]:
-  """env (default os.environ) with HUGE_PAGES added to GLIBC_TUNABLES, unless env opts out."""
+  """env (default os.environ) with HUGE_PAGES added to GLIBC_TUNABLES.
+
+  Unchanged where env opts out (OPT_OUT) or already sets glibc.malloc.hugetlb (any value:
+  GLIBC_TUNABLES=glibc.malloc.hugetlb=0 runs without huge pages).
+  """
   env = dict(os.environ if env is None else env)
   tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
-  if env.get(OPT_OUT, "") in ("", "0") and HUGE_PAGES not in tunables:
+  chosen = any(t.startswith(_HUGE_PAGES_KEY) for t in tunables)  # e.g. hugetlb=0: kept
+  if env.get(OPT_OUT, "") in ("", "0") and not chosen:
     env["GLIBC_TUNABLES"] = ":".join(tunables + [HUGE_PAGES])
   return env
 
@@ -114,12 +120,11 @@ def environment(env: dict[str, str] | None = None) -> dict[str, str]:
 def restart_with_huge_pages() -> None:
   """Re-executes this command with the huge-page tunable, once; returns where it has it.
 
-  For command-line entry points, before their heavy imports: where the process already has
-  the tunable, is opted out, or runs without glibc >= 2.35 on Linux, it returns at once.
+  For command-line entry points, before their heavy imports: where environment() would not
+  change this process's environment, or there is no glibc >= 2.35, it returns at once.
   """
-  if (huge_pages() or _env_flag(OPT_OUT) or not sys.platform.startswith("linux")
-      or _glibc_version() < (2, 35)
-      or HUGE_PAGES in os.environ.get("GLIBC_TUNABLES", "").split(":")):
+  if (not sys.platform.startswith("linux") or _glibc_version() < (2, 35)
+      or environment() == dict(os.environ)):  # has it, chose otherwise, or opted out
     return
   sys.stdout.flush()
   sys.stderr.flush()

@@ -94,6 +94,8 @@ def test_environment_adds_the_huge_page_tunable_once_and_keeps_the_others():
   assert env == {"GLIBC_TUNABLES": f"glibc.malloc.check=0:{host_memory.HUGE_PAGES}", "X": "1"}
   assert host_memory.environment(env) == env
   assert "GLIBC_TUNABLES" not in host_memory.environment({host_memory.OPT_OUT: "1"})
+  chosen = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}  # the user's choice stays
+  assert host_memory.environment(chosen) == chosen
 
 
 # Prints "start" each time it runs, then whether the process has the tunable, as JSON.
