@@ -24,7 +24,9 @@ medium 4,212-4,301 -> 3,404-3,530 ms per step (one process each, two timings of 
 steps; compiles unchanged). glibc reads tunables only when a process starts, so the
 command-line entry points (ernie5_jax.main, benchmarks/train_step.py, the benchmark
 workers) call restart_with_huge_pages() first: it re-executes the same command once with
-the tunable added to GLIBC_TUNABLES. Needs glibc >= 2.35 and transparent huge pages
+the tunable added to GLIBC_TUNABLES. The blocks are still unmapped after each call, and on
+this project's VM a step after a few idle seconds took 15-30% longer; with one arena as well
+it did not (docs/results.md, fourth round). Needs glibc >= 2.35 and transparent huge pages
 "madvise" or "always" (/sys/kernel/mm/transparent_hugepage/enabled). A notebook or
 another program sets it in its own environment before Python starts.
 
