@@ -129,6 +129,9 @@ def jax_logits(runner, tokens):
 
 # --- the driver -----------------------------------------------------------------------------
 
+# host_memory.info() keys each worker reports, recorded per contender.
+HOST_SETTINGS = ("host_malloc", "one_arena", "huge_pages")
+
 class Contender:
   """A worker subprocess spoken to one line at a time (benchmarks/worker_protocol.py)."""
 
@@ -288,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
             "batch": config.data.global_batch_size, "seq_len": config.data.seq_len,
             "rounds": args.rounds, "train_steps_per_round": args.train_steps,
             "protocol": "alone" if args.alone else "alternating",
-            "contenders": [name for name, _ in specs], "host_malloc": {}, "one_arena": {},
-            "huge_pages": {}}
+            "contenders": [name for name, _ in specs],
+            **{setting: {} for setting in HOST_SETTINGS}}
   # Alternating: every worker resident, rounds interleaved. Alone: one worker at a time.
   groups = [[spec] for spec in specs] if args.alone else [specs]
   tally = Tally()
@@ -297,10 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     contenders = [Contender(name, argv) for name, argv in group]
     try:
       for c in contenders:
-        # host_memory.info() per worker (None: a checkout without it)
-        result["host_malloc"][c.name] = c.info.get("host_malloc")
-        result["one_arena"][c.name] = c.info.get("one_arena")
-        result["huge_pages"][c.name] = c.info.get("huge_pages")
+        for setting in HOST_SETTINGS:  # None: a checkout without it
+          result[setting][c.name] = c.info.get(setting)
         if c.name.startswith("torch"):
           result.setdefault("torch", c.info)
       _measure(contenders, args, work, jax_probe, result, tally)

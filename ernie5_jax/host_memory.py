@@ -57,8 +57,8 @@ ONE_ARENA = "ERNIE5_JAX_ONE_ARENA"
 _state: tuple[bool, bool] | None = None  # (thresholds raised, one arena), once applied
 
 
-def _env_flag(name: str) -> bool:
-  return os.environ.get(name, "") not in ("", "0")
+def _env_flag(name: str, env=os.environ) -> bool:
+  return env.get(name, "") not in ("", "0")
 
 
 def _apply() -> tuple[bool, bool]:
@@ -90,8 +90,8 @@ def one_arena() -> bool:
   return _state[1]
 
 
-def _glibc_version() -> tuple[int, ...]:
-  """(major, minor) of the running glibc; () where there is none."""
+def glibc_version() -> tuple[int, ...]:
+  """(major, minor) of the running glibc; () where there is none (macOS, musl)."""
   try:
     name, version = os.confstr("CS_GNU_LIBC_VERSION").split()  # "glibc 2.36"
   except (AttributeError, OSError, ValueError):
@@ -99,10 +99,14 @@ def _glibc_version() -> tuple[int, ...]:
   return tuple(int(part) for part in version.split(".")[:2]) if name == "glibc" else ()
 
 
+def _tunables(env) -> list[str]:
+  """The entries of env's GLIBC_TUNABLES."""
+  return [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+
+
 def huge_pages() -> bool:
   """Whether this process started with the huge-page tunable (module docstring)."""
-  tunables = os.environ.get("GLIBC_TUNABLES", "").split(":")
-  return HUGE_PAGES in tunables and _glibc_version() >= (2, 35)
+  return HUGE_PAGES in _tunables(os.environ) and glibc_version() >= (2, 35)
 
 
 def environment(env: dict[str, str] | None = None) -> dict[str, str]:
@@ -112,9 +116,9 @@ def environment(env: dict[str, str] | None = None) -> dict[str, str]:
   GLIBC_TUNABLES=glibc.malloc.hugetlb=0 runs without huge pages).
   """
   env = dict(os.environ if env is None else env)
-  tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+  tunables = _tunables(env)
   chosen = any(t.startswith(_HUGE_PAGES_KEY) for t in tunables)  # e.g. hugetlb=0: kept
-  if env.get(OPT_OUT, "") in ("", "0") and not chosen:
+  if not _env_flag(OPT_OUT, env) and not chosen:
     env["GLIBC_TUNABLES"] = ":".join(tunables + [HUGE_PAGES])
   return env
 
@@ -125,12 +129,12 @@ def restart_with_huge_pages() -> None:
   For command-line entry points, before their heavy imports: where environment() would not
   change this process's environment, or there is no glibc >= 2.35, it returns at once.
   """
-  if (not sys.platform.startswith("linux") or _glibc_version() < (2, 35)
-      or environment() == dict(os.environ)):  # has it, chose otherwise, or opted out
+  env = environment()
+  if glibc_version() < (2, 35) or env == dict(os.environ):  # has it, chose otherwise, opted out
     return
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, sys.orig_argv, environment())
+  os.execve(sys.executable, sys.orig_argv, env)
 
 
 def info() -> dict[str, bool]:

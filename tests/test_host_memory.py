@@ -16,8 +16,6 @@ import pytest
 from ernie5_jax import host_memory
 
 GLIBC = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION") is not None
-GLIBC_2_35 = GLIBC and tuple(  # "glibc 2.36" -> (2, 36): has glibc.malloc.hugetlb
-    int(part) for part in os.confstr("CS_GNU_LIBC_VERSION").split()[1].split(".")[:2]) >= (2, 35)
 BLOCK = 256 << 20  # above glibc's default threshold (128 KiB, adapting up to 32 MiB) and
 # above what a secondary arena's heap can hold (64 MiB)
 
@@ -120,7 +118,7 @@ def _restart(**env) -> tuple[int, dict]:
   return lines.count("start"), json.loads(lines[-1])
 
 
-@pytest.mark.skipif(not GLIBC_2_35, reason="glibc >= 2.35 only")
+@pytest.mark.skipif(host_memory.glibc_version() < (2, 35), reason="glibc >= 2.35 only")
 def test_restart_adds_huge_pages_once_and_honours_the_opt_out():
   starts, out = _restart(GLIBC_TUNABLES="glibc.malloc.check=0")
   assert starts == 2 and out["huge"] and out["info"]["huge_pages"]
