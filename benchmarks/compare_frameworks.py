@@ -21,8 +21,9 @@ its rounds, 4.2 s with no other worker (docs/results.md), so both protocols are 
   (compile) are timed separately.
 
 Every worker of this checkout, torch's included, runs with ernie5_jax/host_memory.py's
-allocator setting (freed buffers stay in the heap); ERNIE5_JAX_SYSTEM_MALLOC=1 runs them
-all with glibc's defaults instead, ERNIE5_JAX_ONE_ARENA=1 all with one malloc arena.
+heap thresholds (freed buffers stay in the heap); the ernie5_jax workers also with its glibc
+tunable, as ernie5_jax.main runs. ERNIE5_JAX_SYSTEM_MALLOC=1 runs them all with glibc's
+defaults instead.
 
 tokens/s are medians over the rounds; MFU is against each framework's own best f32
 [1024, 1024] matmul rate measured in the same run (model FLOPs: model/flops.py).
@@ -31,9 +32,8 @@ tokens/s are medians over the rounds; MFU is against each framework's own best f
   python benchmarks/compare_frameworks.py --preset=small --side_python=/work/side-venv/bin/python
   python benchmarks/compare_frameworks.py --preset=medium --rounds=3 --train_steps=2
 
-Writes benchmarks/results/compare_frameworks_<preset>[_alone][_system_malloc][_one_arena]
-.json and prints a markdown table (--skip_train: decode only, as benchmarks/decode_speed.py
---preset runs it).
+Writes benchmarks/results/compare_frameworks_<preset>[_alone][_system_malloc].json and prints
+a markdown table (--skip_train: decode only, as benchmarks/decode_speed.py --preset runs it).
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def jax_logits(runner, tokens):
 # --- the driver -----------------------------------------------------------------------------
 
 # host_memory.info() keys each worker reports, recorded per contender.
-HOST_SETTINGS = ("host_malloc", "one_arena", "huge_pages")
+HOST_SETTINGS = ("host_malloc", "malloc_tunable")
 
 class Contender:
   """A worker subprocess spoken to one line at a time (benchmarks/worker_protocol.py)."""
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
   if args.worker:
     from ernie5_jax import host_memory  # pylint: disable=g-import-not-at-top
     if argv is None:  # run as a command (not called in-process): as ernie5_jax.main runs
-      host_memory.restart_with_huge_pages()
+      host_memory.restart_with_tunable()
     worker_protocol.serve(JaxWorker(args.preset, args.prompts), **host_memory.info())
     return 0
 
@@ -327,7 +327,6 @@ def main(argv: list[str] | None = None) -> int:
   from ernie5_jax import host_memory  # pylint: disable=g-import-not-at-top
   stem = (f"compare_frameworks_{args.preset}" + ("_alone" if args.alone else "")
           + ("" if host_memory.keep_freed_memory() else "_system_malloc")
-          + ("_one_arena" if host_memory.one_arena() else "")
           + ("_decode" if args.skip_train else ""))
   out = pathlib.Path(args.out or ROOT / "benchmarks" / "results" / f"{stem}.json")
   out.parent.mkdir(parents=True, exist_ok=True)

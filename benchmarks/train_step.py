@@ -268,7 +268,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   from ernie5_jax import host_memory  # pylint: disable=g-import-not-at-top
   if argv is None:  # run as a command (not called in-process): as ernie5_jax.main runs
-    host_memory.restart_with_huge_pages()
+    host_memory.restart_with_tunable()
   if args.breakdown and TRACE_FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + TRACE_FLAG).strip()
 

@@ -64,7 +64,7 @@ from __future__ import annotations
 
 if __name__ == "__main__":  # before the heavy imports: may re-execute this command once
   from ernie5_jax import host_memory as _host_memory
-  _host_memory.restart_with_huge_pages()
+  _host_memory.restart_with_tunable()
 
 import difflib  # pylint: disable=g-import-not-at-top,wrong-import-position
 import importlib

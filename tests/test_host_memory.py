@@ -1,4 +1,4 @@
-"""host_memory: glibc's mmap / trim thresholds raised on import, one arena on request, opt-out.
+"""host_memory: glibc's thresholds raised on import, the tunable a command restarts with, opt-out.
 
 Each check runs in a fresh interpreter: the heap is process-global state, and a malloc that
 once failed in a test process (a deliberate out-of-memory case, say) moves glibc's main
@@ -42,8 +42,7 @@ _PROBE = textwrap.dedent(f"""
       finally:
         libc.free(ctypes.c_void_p(block))
 
-    out = dict(applied=host_memory.keep_freed_memory(), one_arena=host_memory.one_arena(),
-               main=[mapped(1), mapped({BLOCK})])
+    out = dict(applied=host_memory.keep_freed_memory(), main=[mapped(1), mapped({BLOCK})])
     worker = threading.Thread(target=lambda: out.update(thread=[mapped(1), mapped({BLOCK})]))
     worker.start()
     worker.join()
@@ -54,7 +53,7 @@ _PROBE = textwrap.dedent(f"""
 def _probe(**env) -> dict:
   """Runs _PROBE in a fresh interpreter with env added; returns its figures."""
   # glibc's own arena settings from the caller's environment would change what is probed.
-  ignored = (host_memory.OPT_OUT, host_memory.ONE_ARENA, "MALLOC_ARENA_MAX", "GLIBC_TUNABLES")
+  ignored = (host_memory.OPT_OUT, "MALLOC_ARENA_MAX", "GLIBC_TUNABLES")
   env = {k: v for k, v in os.environ.items() if k not in ignored} | env
   out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True,
                        text=True, check=True).stdout
@@ -69,29 +68,38 @@ def _kept(pair: list[int]) -> bool:
 @pytest.mark.skipif(not GLIBC, reason="glibc only")
 def test_import_keeps_large_blocks_of_the_main_thread_in_the_heap():
   out = _probe()
-  assert out["applied"] and not out["one_arena"]
+  assert out["applied"]
   assert _kept(out["main"])
-  assert not _kept(out["thread"])  # a secondary arena maps it: what ONE_ARENA is for
+  assert not _kept(out["thread"])  # a secondary arena's 64 MiB heaps map it: the tunable's job
 
 
-@pytest.mark.skipif(not GLIBC, reason="glibc only")
-def test_one_arena_keeps_large_blocks_of_every_thread_in_the_heap():
-  out = _probe(**{host_memory.ONE_ARENA: "1"})
-  assert out["applied"] and out["one_arena"]
+@pytest.mark.skipif(host_memory.glibc_version() < (2, 35)
+                    or not os.path.isdir(host_memory.GIB_PAGES_DIR),
+                    reason="glibc >= 2.35 on a kernel with 1 GiB pages only")
+def test_gib_tunable_keeps_large_blocks_of_every_thread_in_the_heap():
+  out = _probe(GLIBC_TUNABLES=host_memory.tunable())
+  assert out["applied"]
   assert _kept(out["main"]) and _kept(out["thread"])
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc only")
 def test_opt_out_leaves_glibc_defaults():
-  out = _probe(**{host_memory.OPT_OUT: "1", host_memory.ONE_ARENA: "1"})
-  assert not out["applied"] and not out["one_arena"]
+  out = _probe(**{host_memory.OPT_OUT: "1"})
+  assert not out["applied"]
   small, large = out["main"]
   assert large >= small + BLOCK
 
 
-def test_environment_adds_the_huge_page_tunable_once_and_keeps_the_others():
+def test_tunable_is_1_gib_pages_where_the_kernel_has_them(monkeypatch, tmp_path):
+  monkeypatch.setattr(host_memory, "GIB_PAGES_DIR", str(tmp_path))
+  assert host_memory.tunable() == "glibc.malloc.hugetlb=1073741824"
+  monkeypatch.setattr(host_memory, "GIB_PAGES_DIR", str(tmp_path / "absent"))
+  assert host_memory.tunable() == "glibc.malloc.hugetlb=1"
+
+
+def test_environment_adds_the_tunable_once_and_keeps_the_others():
   env = host_memory.environment({"GLIBC_TUNABLES": "glibc.malloc.check=0", "X": "1"})
-  assert env == {"GLIBC_TUNABLES": f"glibc.malloc.check=0:{host_memory.HUGE_PAGES}", "X": "1"}
+  assert env == {"GLIBC_TUNABLES": f"glibc.malloc.check=0:{host_memory.tunable()}", "X": "1"}
   assert host_memory.environment(env) == env
   assert "GLIBC_TUNABLES" not in host_memory.environment({host_memory.OPT_OUT: "1"})
   chosen = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}  # the user's choice stays
@@ -103,9 +111,8 @@ _RESTART = textwrap.dedent("""
     import json, os
     print("start", flush=True)
     from ernie5_jax import host_memory
-    host_memory.restart_with_huge_pages()
-    print(json.dumps(dict(huge=host_memory.huge_pages(), info=host_memory.info(),
-                          tunables=os.environ.get("GLIBC_TUNABLES"))))
+    host_memory.restart_with_tunable()
+    print(json.dumps(dict(info=host_memory.info(), tunables=os.environ.get("GLIBC_TUNABLES"))))
 """)
 
 
@@ -119,9 +126,9 @@ def _restart(**env) -> tuple[int, dict]:
 
 
 @pytest.mark.skipif(host_memory.glibc_version() < (2, 35), reason="glibc >= 2.35 only")
-def test_restart_adds_huge_pages_once_and_honours_the_opt_out():
+def test_restart_adds_the_tunable_once_and_honours_the_opt_out():
   starts, out = _restart(GLIBC_TUNABLES="glibc.malloc.check=0")
-  assert starts == 2 and out["huge"] and out["info"]["huge_pages"]
-  assert out["tunables"] == f"glibc.malloc.check=0:{host_memory.HUGE_PAGES}"
+  assert starts == 2 and out["info"]["malloc_tunable"] == host_memory.tunable()
+  assert out["tunables"] == f"glibc.malloc.check=0:{host_memory.tunable()}"
   starts, out = _restart(**{host_memory.OPT_OUT: "1"})
-  assert starts == 1 and not out["huge"] and out["tunables"] is None
+  assert starts == 1 and not out["info"]["malloc_tunable"] and out["tunables"] is None
