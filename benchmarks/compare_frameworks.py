@@ -130,7 +130,7 @@ def jax_logits(runner, tokens):
 # --- the driver -----------------------------------------------------------------------------
 
 # host_memory.info() keys each worker reports, recorded per contender.
-HOST_SETTINGS = ("host_malloc", "malloc_tunable")
+HOST_SETTINGS = ("host_malloc", "malloc_tunables")
 
 class Contender:
   """A worker subprocess spoken to one line at a time (benchmarks/worker_protocol.py)."""

@@ -16,18 +16,21 @@ its peak heap, per allocating thread, instead of returning freed memory to the s
   the main thread's heap keeps every block below that.
 - At the start of a command-line entry point (ernie5_jax.main, benchmarks/train_step.py,
   the benchmark workers): restart_with_tunable() re-executes the command once with
-  tunable() added to GLIBC_TUNABLES, since glibc reads tunables only when a process starts.
-  A thread other than the main one allocates from a secondary arena, whose heaps glibc caps
-  at 64 MiB: a larger block was mapped per call whatever the thresholds. Where the kernel
-  offers 1 GiB huge pages, the entry is `glibc.malloc.hugetlb=1073741824`: glibc then caps
-  those heaps at four huge pages (4 GiB; arena.c heap_max_size, glibc >= 2.35), so XLA's
-  worker threads keep their step temporaries too (0 page faults per step in the steady
-  state), and maps its heaps with 1 GiB pages only where the administrator reserved some
-  (it falls back to normal pages silently). Elsewhere it is `glibc.malloc.hugetlb=1`:
-  transparent huge pages for the blocks still mapped per call, which then fault 2 MiB at a
-  time (110k -> ~700 faults per "small" step). In the alternating comparison with
-  torch.compile (docs/results.md, fifth round) the 1 GiB entry against the 2 MiB one:
-  small 2,944 -> 3,688 tokens/s, medium 497 -> 609, compiles unchanged.
+  tunable()'s entries added to GLIBC_TUNABLES, since glibc reads tunables only when a
+  process starts. A thread other than the main one allocates from a secondary arena, whose
+  heaps glibc caps at 64 MiB: a larger block was mapped per call whatever the thresholds.
+  Where the kernel offers 1 GiB huge pages, the entries are
+  `glibc.malloc.hugetlb=1073741824:glibc.malloc.top_pad=4294967296`. With that page size
+  glibc caps a thread's heaps at four pages (4 GiB; arena.c heap_max_size, glibc >= 2.35),
+  so XLA's worker threads keep their step temporaries too, and it maps heaps with 1 GiB
+  pages only where the administrator reserved some (else normal pages, silently). The pad
+  of one whole heap stops glibc from unmapping a thread's extra heap once it is empty: with
+  two "medium" steps in flight the second step's block opened one, and lost it, every step
+  (448k faults per two steps; 0 with the pad). Under strict overcommit accounting
+  (vm.overcommit_memory=2) the pad would be charged for every heap, so it is left out there.
+  Without 1 GiB pages the entry is `glibc.malloc.hugetlb=1`: transparent huge pages for the
+  blocks still mapped per call, which then fault 2 MiB at a time (110k -> ~700 faults per
+  "small" step). Figures, both protocols: docs/results.md, fifth round.
 
 A notebook or another program sets GLIBC_TUNABLES in its own environment before Python
 starts. ERNIE5_JAX_SYSTEM_MALLOC=1 in the environment leaves glibc's defaults (no mallopt,
@@ -50,6 +53,8 @@ MMAP_THRESHOLD = (1 << 31) - 1
 TRIM_THRESHOLD = (1 << 31) - 1  # never return the heap top to the system
 _HUGETLB = "glibc.malloc.hugetlb="  # the GLIBC_TUNABLES key (glibc >= 2.35)
 GIB_PAGES_DIR = "/sys/kernel/mm/hugepages/hugepages-1048576kB"  # where the kernel has them
+OVERCOMMIT = "/proc/sys/vm/overcommit_memory"  # "2": strict accounting of reserved memory
+_HEAP_MAX = 4 << 30  # a thread heap's cap with 1 GiB pages: four of them (glibc arena.c)
 OPT_OUT = "ERNIE5_JAX_SYSTEM_MALLOC"
 
 _applied: bool | None = None  # whether the thresholds are raised, once applied
@@ -84,8 +89,16 @@ def glibc_version() -> tuple[int, ...]:
 
 
 def tunable() -> str:
-  """The GLIBC_TUNABLES entry for this machine: 1 GiB pages where the kernel has them, else THP."""
-  return _HUGETLB + ("1073741824" if os.path.isdir(GIB_PAGES_DIR) else "1")
+  """The GLIBC_TUNABLES entries for this machine (module docstring): 4 GiB heaps, else THP."""
+  if not os.path.isdir(GIB_PAGES_DIR):
+    return _HUGETLB + "1"
+  try:
+    with open(OVERCOMMIT) as f:
+      strict = f.read().strip() == "2"
+  except OSError:
+    strict = False
+  # A pad of a whole heap: glibc never deletes a thread's extra heap once it is empty.
+  return _HUGETLB + str(1 << 30) + ("" if strict else f":glibc.malloc.top_pad={_HEAP_MAX}")
 
 
 def _tunables(env) -> list[str]:
@@ -93,14 +106,13 @@ def _tunables(env) -> list[str]:
   return [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
 
 
-def malloc_tunable() -> str:
-  """The glibc.malloc.hugetlb entry this process started with; "" without one (or glibc < 2.35)."""
-  found = [t for t in _tunables(os.environ) if t.startswith(_HUGETLB)]
-  return found[-1] if found and glibc_version() >= (2, 35) else ""
+def malloc_tunables() -> str:
+  """The GLIBC_TUNABLES this process started with; "" without them (or glibc < 2.35)."""
+  return os.environ.get("GLIBC_TUNABLES", "") if glibc_version() >= (2, 35) else ""
 
 
 def environment(env: dict[str, str] | None = None) -> dict[str, str]:
-  """env (default os.environ) with tunable() added to GLIBC_TUNABLES.
+  """env (default os.environ) with tunable()'s entries added to GLIBC_TUNABLES.
 
   Unchanged where env opts out (OPT_OUT) or already sets glibc.malloc.hugetlb (any value:
   GLIBC_TUNABLES=glibc.malloc.hugetlb=0 runs without it).
@@ -129,4 +141,4 @@ def restart_with_tunable() -> None:
 
 def info() -> dict[str, bool | str]:
   """The settings in effect, as benchmark workers report them."""
-  return {"host_malloc": keep_freed_memory(), "malloc_tunable": malloc_tunable()}
+  return {"host_malloc": keep_freed_memory(), "malloc_tunables": malloc_tunables()}

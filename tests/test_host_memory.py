@@ -82,6 +82,54 @@ def test_gib_tunable_keeps_large_blocks_of_every_thread_in_the_heap():
   assert _kept(out["main"]) and _kept(out["thread"])
 
 
+# Prints whether a thread's second heap survives being emptied: the thread holds most of its
+# first heap (two 1.5 GiB blocks of 4 GiB), so a third opens another; mallinfo2().arena is
+# the bytes every arena holds from the system. Nothing is written: the blocks stay virtual.
+_SECOND_HEAP = textwrap.dedent("""
+    import ctypes, json, threading
+    import ernie5_jax  # the raised thresholds: blocks below 2 GiB come from the heaps
+
+    class MallInfo2(ctypes.Structure):
+      _fields_ = [(name, ctypes.c_size_t) for name in (
+          "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split())]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    libc.malloc.restype = ctypes.c_void_p
+    out = {}
+
+    def run():
+      held = [libc.malloc(ctypes.c_size_t(3 << 29)) for _ in range(2)]
+      block = libc.malloc(ctypes.c_size_t(3 << 29))
+      before = libc.mallinfo2()
+      libc.free(ctypes.c_void_p(block))
+      after = libc.mallinfo2()
+      out.update(in_heaps=before.hblkhd == 0, kept=after.arena == before.arena)
+      for pointer in held:
+        libc.free(ctypes.c_void_p(pointer))
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.skipif(host_memory.glibc_version() < (2, 35)
+                    or not os.path.isdir(host_memory.GIB_PAGES_DIR)
+                    or open(host_memory.OVERCOMMIT).read().strip() == "2",
+                    reason="glibc >= 2.35, 1 GiB pages and heuristic overcommit only")
+def test_tunable_keeps_a_threads_second_heap_once_empty():
+  def second_heap(tunables: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", _SECOND_HEAP], capture_output=True, text=True,
+                         env=env | {"GLIBC_TUNABLES": tunables}, check=True).stdout
+    return json.loads(out)
+  assert second_heap(host_memory.tunable()) == {"in_heaps": True, "kept": True}
+  hugetlb_only = host_memory.tunable().split(":")[0]  # without the pad: glibc unmaps it
+  assert second_heap(hugetlb_only) == {"in_heaps": True, "kept": False}
+
+
 @pytest.mark.skipif(not GLIBC, reason="glibc only")
 def test_opt_out_leaves_glibc_defaults():
   out = _probe(**{host_memory.OPT_OUT: "1"})
@@ -90,8 +138,15 @@ def test_opt_out_leaves_glibc_defaults():
   assert large >= small + BLOCK
 
 
-def test_tunable_is_1_gib_pages_where_the_kernel_has_them(monkeypatch, tmp_path):
+def test_tunable_is_1_gib_pages_and_a_heap_of_pad_where_the_kernel_has_them(
+    monkeypatch, tmp_path):
   monkeypatch.setattr(host_memory, "GIB_PAGES_DIR", str(tmp_path))
+  overcommit = tmp_path / "overcommit_memory"
+  monkeypatch.setattr(host_memory, "OVERCOMMIT", str(overcommit))
+  overcommit.write_text("0\n")
+  assert host_memory.tunable() == ("glibc.malloc.hugetlb=1073741824:"
+                                   "glibc.malloc.top_pad=4294967296")
+  overcommit.write_text("2\n")  # strict accounting would charge every pad: none
   assert host_memory.tunable() == "glibc.malloc.hugetlb=1073741824"
   monkeypatch.setattr(host_memory, "GIB_PAGES_DIR", str(tmp_path / "absent"))
   assert host_memory.tunable() == "glibc.malloc.hugetlb=1"
@@ -128,7 +183,9 @@ def _restart(**env) -> tuple[int, dict]:
 @pytest.mark.skipif(host_memory.glibc_version() < (2, 35), reason="glibc >= 2.35 only")
 def test_restart_adds_the_tunable_once_and_honours_the_opt_out():
   starts, out = _restart(GLIBC_TUNABLES="glibc.malloc.check=0")
-  assert starts == 2 and out["info"]["malloc_tunable"] == host_memory.tunable()
+  assert starts == 2
+  assert out["info"]["malloc_tunables"] == out["tunables"]
+  assert out["tunables"] == f"glibc.malloc.check=0:{host_memory.tunable()}"
   assert out["tunables"] == f"glibc.malloc.check=0:{host_memory.tunable()}"
   starts, out = _restart(**{host_memory.OPT_OUT: "1"})
-  assert starts == 1 and not out["info"]["malloc_tunable"] and out["tunables"] is None
+  assert starts == 1 and not out["info"]["malloc_tunables"] and out["tunables"] is None
