@@ -2,7 +2,7 @@
 
 XLA's CPU runtime allocates each executable's results and temporaries with malloc; the
 temporaries of a train step come as one block (427 MiB for benchmarks/presets.py's "small"
-step, 1.8 GiB for "medium"), allocated and freed by one of its worker threads every call.
+step, 1.7 GiB for "medium"), allocated and freed by one of its worker threads every call.
 glibc serves a block above its mmap threshold (128 KiB, adapting up to 32 MiB) with fresh
 mmap'd pages and unmaps it on free, so every step page-faulted its temporaries anew (110k
 faults per "small" step): the kernel zero-fills each page before XLA writes it, and on this
@@ -26,8 +26,10 @@ its peak heap, per allocating thread, instead of returning freed memory to the s
   pages only where the administrator reserved some (else normal pages, silently). The pad
   of one whole heap stops glibc from unmapping a thread's extra heap once it is empty: with
   two "medium" steps in flight the second step's block opened one, and lost it, every step
-  (448k faults per two steps; 0 with the pad). Under strict overcommit accounting
-  (vm.overcommit_memory=2) the pad would be charged for every heap, so it is left out there.
+  (448k faults per two steps; 0 with the pad). With the pad glibc also makes a new thread
+  heap writable whole (4 GiB) and grows the main heap 4 GiB at a time: address space, used
+  as memory only where pages are written. Under strict overcommit accounting
+  (vm.overcommit_memory=2) those reservations would be charged, so the pad is left out.
   Without 1 GiB pages the entry is `glibc.malloc.hugetlb=1`: transparent huge pages for the
   blocks still mapped per call, which then fault 2 MiB at a time (110k -> ~700 faults per
   "small" step). Figures, both protocols: docs/results.md, fifth round.
