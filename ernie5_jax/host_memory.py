@@ -56,7 +56,8 @@ TRIM_THRESHOLD = (1 << 31) - 1  # never return the heap top to the system
 _HUGETLB = "glibc.malloc.hugetlb="  # the GLIBC_TUNABLES key (glibc >= 2.35)
 GIB_PAGES_DIR = "/sys/kernel/mm/hugepages/hugepages-1048576kB"  # where the kernel has them
 OVERCOMMIT = "/proc/sys/vm/overcommit_memory"  # "2": strict accounting of reserved memory
-_HEAP_MAX = 4 << 30  # a thread heap's cap with 1 GiB pages: four of them (glibc arena.c)
+_GIB_PAGE = 1 << 30
+_HEAP_MAX = 4 * _GIB_PAGE  # a thread heap's cap with that page size: four pages (glibc arena.c)
 OPT_OUT = "ERNIE5_JAX_SYSTEM_MALLOC"
 
 _applied: bool | None = None  # whether the thresholds are raised, once applied
@@ -100,7 +101,7 @@ def tunable() -> str:
   except OSError:
     strict = False
   # A pad of a whole heap: glibc never deletes a thread's extra heap once it is empty.
-  return _HUGETLB + str(1 << 30) + ("" if strict else f":glibc.malloc.top_pad={_HEAP_MAX}")
+  return _HUGETLB + str(_GIB_PAGE) + ("" if strict else f":glibc.malloc.top_pad={_HEAP_MAX}")
 
 
 def _tunables(env) -> list[str]:
