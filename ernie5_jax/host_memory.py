@@ -118,13 +118,15 @@ def environment(env: dict[str, str] | None = None) -> dict[str, str]:
   """env (default os.environ) with tunable()'s entries added to GLIBC_TUNABLES.
 
   Unchanged where env opts out (OPT_OUT) or already sets glibc.malloc.hugetlb (any value:
-  GLIBC_TUNABLES=glibc.malloc.hugetlb=0 runs without it).
+  GLIBC_TUNABLES=glibc.malloc.hugetlb=0 runs without it); an entry env sets otherwise (say
+  glibc.malloc.top_pad) keeps its value.
   """
   env = dict(os.environ if env is None else env)
   tunables = _tunables(env)
-  chosen = any(t.startswith(_HUGETLB) for t in tunables)
-  if not _env_flag(OPT_OUT, env) and not chosen:
-    env["GLIBC_TUNABLES"] = ":".join(tunables + [tunable()])
+  keys = {t.partition("=")[0] for t in tunables}
+  if not _env_flag(OPT_OUT, env) and _HUGETLB[:-1] not in keys:
+    added = [t for t in tunable().split(":") if t.partition("=")[0] not in keys]
+    env["GLIBC_TUNABLES"] = ":".join(tunables + added)
   return env
 
 

@@ -161,6 +161,13 @@ def test_environment_adds_the_tunable_once_and_keeps_the_others():
   assert host_memory.environment(chosen) == chosen
 
 
+def test_environment_keeps_an_entry_the_user_set(monkeypatch, tmp_path):
+  monkeypatch.setattr(host_memory, "GIB_PAGES_DIR", str(tmp_path))  # the tunable has a pad
+  monkeypatch.setattr(host_memory, "OVERCOMMIT", str(tmp_path / "absent"))
+  env = host_memory.environment({"GLIBC_TUNABLES": "glibc.malloc.top_pad=0"})
+  assert env["GLIBC_TUNABLES"] == "glibc.malloc.top_pad=0:glibc.malloc.hugetlb=1073741824"
+
+
 # Prints "start" each time it runs, then whether the process has the tunable, as JSON.
 _RESTART = textwrap.dedent("""
     import json, os
