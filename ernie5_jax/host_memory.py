@@ -91,17 +91,22 @@ def glibc_version() -> tuple[int, ...]:
   return tuple(int(part) for part in version.split(".")[:2]) if name == "glibc" else ()
 
 
+def strict_overcommit() -> bool:
+  """Whether the kernel charges reserved address space (vm.overcommit_memory=2)."""
+  try:
+    with open(OVERCOMMIT) as f:
+      return f.read().strip() == "2"
+  except OSError:
+    return False
+
+
 def tunable() -> str:
   """The GLIBC_TUNABLES entries for this machine (module docstring): 4 GiB heaps, else THP."""
   if not os.path.isdir(GIB_PAGES_DIR):
     return _HUGETLB + "1"
-  try:
-    with open(OVERCOMMIT) as f:
-      strict = f.read().strip() == "2"
-  except OSError:
-    strict = False
   # A pad of a whole heap: glibc never deletes a thread's extra heap once it is empty.
-  return _HUGETLB + str(_GIB_PAGE) + ("" if strict else f":glibc.malloc.top_pad={_HEAP_MAX}")
+  pad = "" if strict_overcommit() else f":glibc.malloc.top_pad={_HEAP_MAX}"
+  return _HUGETLB + str(_GIB_PAGE) + pad
 
 
 def _tunables(env) -> list[str]:

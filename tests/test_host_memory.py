@@ -117,7 +117,7 @@ _SECOND_HEAP = textwrap.dedent("""
 
 @pytest.mark.skipif(host_memory.glibc_version() < (2, 35)
                     or not os.path.isdir(host_memory.GIB_PAGES_DIR)
-                    or open(host_memory.OVERCOMMIT).read().strip() == "2",
+                    or host_memory.strict_overcommit(),
                     reason="glibc >= 2.35, 1 GiB pages and heuristic overcommit only")
 def test_tunable_keeps_a_threads_second_heap_once_empty():
   def second_heap(tunables: str) -> dict:
