@@ -9,6 +9,8 @@ synthetic token source feeds it one modality.
           seq 256, batch 8
   medium: d 512, 6 layers (1 dense), 64 experts x 256, top-4, 1 shared, vocab 32000,
           seq 512, batch 4
+
+Both run their layers unrolled (config.model.scan_layers=False), the faster layout on CPU.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ def preset_config(name: str) -> ml_collections.ConfigDict:
   config.objective.audio_level_weights = ()
   m.embed_scale = False
   m.rope_sections = (spec["head_dim"] // 2, 0, 0)  # text only: every pair rotates with t
+  # Per-layer weights, not a scan over stacked ones: on CPU a scan copies each layer's
+  # weights out of the stack in every pass (as generate/decode.py's unroll_layers says).
+  # Same process, alternating rounds: small 545-569 -> 521-546 ms, medium 3,097-3,435 ->
+  # 2,897-3,351 ms per step; compiles unchanged (docs/results.md, fifth round).
+  m.scan_layers = False
   for field, value in spec.items():
     m[field] = value
   config_lib.validate(config)
