@@ -133,8 +133,9 @@ CONTAINERS = ("while", "conditional", "call")
 
 # (category, regexp on an op's metadata "op_name | innermost project frame"), first match wins.
 CATEGORIES = (
-    ("MoE experts (routed SwiGLU)", r"while/body/.*while/body|moe_windows\.py|moe_slots\.py|"
-                                    r"g[cdf]{2},g[cdf]{2}->g"),
+    # The windows' loop: nested in the layers' loop when they are scanned, alone when not.
+    ("MoE experts (routed SwiGLU)", r"while/body/.*while/body|while/body/dot_general|"
+                                    r"moe_windows\.py|moe_slots\.py|g[cdf]{2},g[cdf]{2}->g"),
     ("optimizer (AdamW, clip, norms)", r"optax|optimizer\.py|tree\.norm|params_finite"),
     ("router bias / loss EMA update", r"update_router_bias"),
     ("MoE routing + sort", r"router\.py|moe_dispatch\.py|model/moe\.py"),
