@@ -53,7 +53,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 # per call.
 MMAP_THRESHOLD = (1 << 31) - 1
 TRIM_THRESHOLD = (1 << 31) - 1  # never return the heap top to the system
-_HUGETLB = "glibc.malloc.hugetlb="  # the GLIBC_TUNABLES key (glibc >= 2.35)
+_HUGETLB = "glibc.malloc.hugetlb"  # the GLIBC_TUNABLES key (glibc >= 2.35)
 GIB_PAGES_DIR = "/sys/kernel/mm/hugepages/hugepages-1048576kB"  # where the kernel has them
 OVERCOMMIT = "/proc/sys/vm/overcommit_memory"  # "2": strict accounting of reserved memory
 _GIB_PAGE = 1 << 30
@@ -103,10 +103,10 @@ def strict_overcommit() -> bool:
 def tunable() -> str:
   """The GLIBC_TUNABLES entries for this machine (module docstring): 4 GiB heaps, else THP."""
   if not os.path.isdir(GIB_PAGES_DIR):
-    return _HUGETLB + "1"
+    return f"{_HUGETLB}=1"
   # A pad of a whole heap: glibc never deletes a thread's extra heap once it is empty.
   pad = "" if strict_overcommit() else f":glibc.malloc.top_pad={_HEAP_MAX}"
-  return _HUGETLB + str(_GIB_PAGE) + pad
+  return f"{_HUGETLB}={_GIB_PAGE}{pad}"
 
 
 def _tunables(env) -> list[str]:
@@ -129,7 +129,7 @@ def environment(env: dict[str, str] | None = None) -> dict[str, str]:
   env = dict(os.environ if env is None else env)
   tunables = _tunables(env)
   keys = {t.partition("=")[0] for t in tunables}
-  if not _env_flag(OPT_OUT, env) and _HUGETLB[:-1] not in keys:
+  if not _env_flag(OPT_OUT, env) and _HUGETLB not in keys:
     added = [t for t in tunable().split(":") if t.partition("=")[0] not in keys]
     env["GLIBC_TUNABLES"] = ":".join(tunables + added)
   return env

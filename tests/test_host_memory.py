@@ -16,16 +16,14 @@ import pytest
 from ernie5_jax import host_memory
 
 GLIBC = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION") is not None
+# glibc sizes thread heaps by a 1 GiB page size (host_memory.tunable()) only with both.
+GIB_HEAPS = host_memory.glibc_version() >= (2, 35) and os.path.isdir(host_memory.GIB_PAGES_DIR)
 BLOCK = 256 << 20  # above glibc's default threshold (128 KiB, adapting up to 32 MiB) and
 # above what a secondary arena's heap can hold (64 MiB)
 
-# Prints, as JSON, whether the setting is applied and the bytes glibc serves by mmap while
-# a 1-byte and a BLOCK-byte block are held, from the main thread and from a new thread (as
-# XLA's CPU runtime allocates from its worker threads).
-_PROBE = textwrap.dedent(f"""
+# glibc's malloc / free / mallinfo2 through ctypes, for the probes below.
+_LIBC = textwrap.dedent("""
     import ctypes, json, threading
-    import ernie5_jax
-    from ernie5_jax import host_memory
 
     class MallInfo2(ctypes.Structure):
       _fields_ = [(name, ctypes.c_size_t) for name in (
@@ -34,6 +32,14 @@ _PROBE = textwrap.dedent(f"""
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = MallInfo2
     libc.malloc.restype = ctypes.c_void_p
+""")
+
+# Prints, as JSON, whether the setting is applied and the bytes glibc serves by mmap while
+# a 1-byte and a BLOCK-byte block are held, from the main thread and from a new thread (as
+# XLA's CPU runtime allocates from its worker threads).
+_PROBE = _LIBC + textwrap.dedent(f"""
+    import ernie5_jax
+    from ernie5_jax import host_memory
 
     def mapped(num_bytes):
       block = libc.malloc(ctypes.c_size_t(num_bytes))
@@ -50,12 +56,12 @@ _PROBE = textwrap.dedent(f"""
 """)
 
 
-def _probe(**env) -> dict:
-  """Runs _PROBE in a fresh interpreter with env added; returns its figures."""
+def _probe(script: str = _PROBE, **env) -> dict:
+  """Runs script (default _PROBE) in a fresh interpreter with env added; returns its JSON."""
   # glibc's own arena settings from the caller's environment would change what is probed.
   ignored = (host_memory.OPT_OUT, "MALLOC_ARENA_MAX", "GLIBC_TUNABLES")
   env = {k: v for k, v in os.environ.items() if k not in ignored} | env
-  out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True,
+  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                        text=True, check=True).stdout
   return json.loads(out)
 
@@ -73,9 +79,7 @@ def test_import_keeps_large_blocks_of_the_main_thread_in_the_heap():
   assert not _kept(out["thread"])  # a secondary arena's 64 MiB heaps map it: the tunable's job
 
 
-@pytest.mark.skipif(host_memory.glibc_version() < (2, 35)
-                    or not os.path.isdir(host_memory.GIB_PAGES_DIR),
-                    reason="glibc >= 2.35 on a kernel with 1 GiB pages only")
+@pytest.mark.skipif(not GIB_HEAPS, reason="glibc >= 2.35 on a kernel with 1 GiB pages only")
 def test_gib_tunable_keeps_large_blocks_of_every_thread_in_the_heap():
   out = _probe(GLIBC_TUNABLES=host_memory.tunable())
   assert out["applied"]
@@ -85,17 +89,8 @@ def test_gib_tunable_keeps_large_blocks_of_every_thread_in_the_heap():
 # Prints whether a thread's second heap survives being emptied: the thread holds most of its
 # first heap (two 1.5 GiB blocks of 4 GiB), so a third opens another; mallinfo2().arena is
 # the bytes every arena holds from the system. Nothing is written: the blocks stay virtual.
-_SECOND_HEAP = textwrap.dedent("""
-    import ctypes, json, threading
+_SECOND_HEAP = _LIBC + textwrap.dedent("""
     import ernie5_jax  # the raised thresholds: blocks below 2 GiB come from the heaps
-
-    class MallInfo2(ctypes.Structure):
-      _fields_ = [(name, ctypes.c_size_t) for name in (
-          "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split())]
-
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = MallInfo2
-    libc.malloc.restype = ctypes.c_void_p
     out = {}
 
     def run():
@@ -115,19 +110,13 @@ _SECOND_HEAP = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(host_memory.glibc_version() < (2, 35)
-                    or not os.path.isdir(host_memory.GIB_PAGES_DIR)
-                    or host_memory.strict_overcommit(),
+@pytest.mark.skipif(not GIB_HEAPS or host_memory.strict_overcommit(),
                     reason="glibc >= 2.35, 1 GiB pages and heuristic overcommit only")
 def test_tunable_keeps_a_threads_second_heap_once_empty():
-  def second_heap(tunables: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    out = subprocess.run([sys.executable, "-c", _SECOND_HEAP], capture_output=True, text=True,
-                         env=env | {"GLIBC_TUNABLES": tunables}, check=True).stdout
-    return json.loads(out)
-  assert second_heap(host_memory.tunable()) == {"in_heaps": True, "kept": True}
+  out = _probe(_SECOND_HEAP, GLIBC_TUNABLES=host_memory.tunable())
+  assert out == {"in_heaps": True, "kept": True}
   hugetlb_only = host_memory.tunable().split(":")[0]  # without the pad: glibc unmaps it
-  assert second_heap(hugetlb_only) == {"in_heaps": True, "kept": False}
+  assert _probe(_SECOND_HEAP, GLIBC_TUNABLES=hugetlb_only) == {"in_heaps": True, "kept": False}
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc only")
@@ -192,7 +181,6 @@ def test_restart_adds_the_tunable_once_and_honours_the_opt_out():
   starts, out = _restart(GLIBC_TUNABLES="glibc.malloc.check=0")
   assert starts == 2
   assert out["info"]["malloc_tunables"] == out["tunables"]
-  assert out["tunables"] == f"glibc.malloc.check=0:{host_memory.tunable()}"
   assert out["tunables"] == f"glibc.malloc.check=0:{host_memory.tunable()}"
   starts, out = _restart(**{host_memory.OPT_OUT: "1"})
   assert starts == 1 and not out["info"]["malloc_tunables"] and out["tunables"] is None
