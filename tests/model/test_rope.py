@@ -1,6 +1,7 @@
 """Tests for Uni-RoPE (ernie5_jax.model.rope) against 1-D RoPE and rotation matrices."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -117,6 +118,27 @@ def test_rotation_preserves_norm(x):
   positions = np.random.default_rng(3).integers(0, 100, size=(BATCH, SEQ, 3)).astype(np.int32)
   np.testing.assert_allclose(np.linalg.norm(uni_rope(x, positions), axis=-1),
                              np.linalg.norm(x, axis=-1), rtol=1e-5)
+
+
+def test_rotation_table_is_evaluated_once_per_pair(x):
+  """The compiled rotation of q and k (and its gradient) evaluates cos and sin in fusions
+  whose outputs are [batch, seq, pairs]-sized, not inside each per-head consumer."""
+  positions = jnp.asarray(np.random.default_rng(4).integers(0, 99, size=(BATCH, SEQ, 3)),
+                          jnp.int32)
+
+  def rotate(q, k, positions):
+    angles = rope.rope_angles(positions, head_dim=HEAD_DIM, sections=SECTIONS, theta=THETA)
+    return jnp.sum(rope.apply_rope(q, angles) * rope.apply_rope(k, angles))
+
+  hlo = jax.jit(jax.value_and_grad(rotate, argnums=(0, 1))).lower(
+      jnp.asarray(x), jnp.asarray(x), positions).compile().as_text()
+  sizes = []  # output sizes of every computation that evaluates a cosine or sine
+  for computation in re.split(r"\n(?=\S)", hlo):
+    if re.search(r" (?:cosine|sine)\(", computation):
+      root = re.search(r"ROOT %\S+ = (\S+)", computation).group(1)
+      sizes += [int(np.prod([int(d) for d in dims.split(",")]))
+                for dims in re.findall(r"f32\[([\d,]+)\]", root)]
+  assert sizes and max(sizes) == BATCH * SEQ * HEAD_DIM, sizes  # the [cos | sin] table
 
 
 def test_bad_sections_raise():
