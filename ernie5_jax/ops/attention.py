@@ -75,19 +75,27 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
   ones). Self-attention runs in query blocks of QUERY_BLOCK rows. Block i's keys split at
   its end e_i = (i + 1) * QUERY_BLOCK: when the mask lets no row see a key >= e_i (causal
   text; bidirectional groups that do not cross a block end), the keys past e_i are skipped
-  (3/8 of the scores at 4 blocks); otherwise (a lax.cond on the mask) they are computed
+  ((n - 1) / 2n of the scores at n blocks); otherwise (a lax.cond on the mask) they are computed
   too, and the backward recomputes their probabilities from the saved row maxima. Both
   branches save the same residuals, so neither zero-fills the other's.
   """
   return _attention(_query_blocks(q.shape[1], k.shape[1]), q, k, v, mask)
 
 
-QUERY_BLOCK = 128  # rows of one query block of the blocked self-attention path
+# Rows of one query block of the blocked self-attention path. 64 rather than 128: more of
+# the causal scores are skipped (7/16 instead of 3/8 at seq 512) and the dots stay large
+# enough; same process, alternating rounds, the train step of both comparison presets
+# was 4% faster (small 521 -> 499 ms, medium 3,071 -> 2,953 ms; 32 rows: slower compiles,
+# less gain). Sequences shorter than MIN_QUERY_BLOCKS blocks run as one block, so the
+# short sequences of tests and the tiny config compile as few ops as before.
+QUERY_BLOCK = 64
+MIN_QUERY_BLOCKS = 4
 
 
 def _query_blocks(q_len: int, kv_len: int) -> int:
-  """Query blocks of the blocked path: 1 (off) unless self-attention of >= 2 whole blocks."""
-  if q_len != kv_len or q_len % QUERY_BLOCK or q_len < 2 * QUERY_BLOCK:
+  """Query blocks of the blocked path: 1 (off) unless self-attention of >= MIN_QUERY_BLOCKS
+  whole blocks."""
+  if q_len != kv_len or q_len % QUERY_BLOCK or q_len < MIN_QUERY_BLOCKS * QUERY_BLOCK:
     return 1
   return q_len // QUERY_BLOCK
 

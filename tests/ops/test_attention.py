@@ -148,15 +148,16 @@ def test_xla_attention_gradients_match_autodiff(qkv):
 
 
 def _long_masks():
-  """Masks of 2 query blocks (seq 2 * QUERY_BLOCK): (name, segment_ids, group_ids, blocked)."""
-  seq = 2 * attention_ops.QUERY_BLOCK
+  """Masks of the fewest blocked query blocks: (name, segment_ids, group_ids, blocked)."""
+  block = attention_ops.QUERY_BLOCK
+  seq = attention_ops.MIN_QUERY_BLOCKS * block
   segments = np.ones((2, seq), np.int32)
-  segments[0, 100:] = 2  # row 0 packs two documents
+  segments[0, block + block // 2:] = 2  # row 0 packs two documents
   groups = np.zeros((2, seq), np.int32)
   inside = groups.copy()
   inside[1, 10:20] = 1  # a bidirectional group inside block 0
   crossing = groups.copy()
-  crossing[1, 120:140] = 1  # block 0's rows 120..127 see keys up to 139: past its end
+  crossing[1, 2 * block - 8:2 * block + 12] = 1  # block 1's last rows see keys past its end
   return [("causal", segments, groups, True), ("group_inside_block", segments, inside, True),
           ("group_crossing_block_end", segments, crossing, False)]
 
@@ -166,7 +167,8 @@ def test_blocked_self_attention_skips_only_what_the_mask_allows():
   # that crosses a block end takes the one-block path. Both match autodiff of the plain
   # formulation (outputs and gradients).
   rng = np.random.default_rng(11)
-  seq = 2 * attention_ops.QUERY_BLOCK
+  blocks = attention_ops.MIN_QUERY_BLOCKS
+  seq = blocks * attention_ops.QUERY_BLOCK
   q = jnp.asarray(rng.normal(size=(2, seq, 2, HEAD_DIM)), jnp.float32)
   k, v = (jnp.asarray(rng.normal(size=(2, seq, 1, HEAD_DIM)), jnp.float32) for _ in "kv")
   cotangent = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
@@ -174,11 +176,13 @@ def test_blocked_self_attention_skips_only_what_the_mask_allows():
       lambda q, k, v, mask: jnp.sum(fn(q, k, v, mask) * cotangent), argnums=(0, 1, 2)))
   blocked, reference = value_and_grad(attention_ops.xla_attention), value_and_grad(
       _autodiff_attention)
-  assert attention_ops._query_blocks(seq, seq) == 2
+  assert attention_ops._query_blocks(seq, seq) == blocks
+  assert attention_ops._query_blocks(seq - attention_ops.QUERY_BLOCK,
+                                     seq - attention_ops.QUERY_BLOCK) == 1  # too short
   assert attention_ops._query_blocks(seq, seq + 1) == 1  # cached decode: one block
   for name, seg, grp, within in _long_masks():
     mask = attention_ops.make_mask(jnp.asarray(seg), jnp.asarray(grp))
-    assert bool(attention_ops._within_blocks(mask, 2)) == within, name
+    assert bool(attention_ops._within_blocks(mask, blocks)) == within, name
     (got, got_grads), (want, want_grads) = blocked(q, k, v, mask), reference(q, k, v, mask)
     np.testing.assert_allclose(float(got), float(want), rtol=1e-5, err_msg=name)
     for axis, g, w in zip("qkv", got_grads, want_grads):
