@@ -47,8 +47,8 @@ def _array_bytes(type_text: str) -> int:
   return max(sizes, default=0)
 
 
-def summarize(hlo_text: str) -> HloSummary:
-  """Collectives by kind (count and bytes per step) and Mosaic kernels of a compiled module."""
+def computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
+  """({computation name: its instruction lines}, the ENTRY computation's name or None)."""
   bodies: dict[str, list[str]] = {}
   entry, current = None, None
   for line in hlo_text.splitlines():
@@ -62,6 +62,12 @@ def summarize(hlo_text: str) -> HloSummary:
       current = None
     elif current is not None:
       bodies[current].append(line)
+  return bodies, entry
+
+
+def summarize(hlo_text: str) -> HloSummary:
+  """Collectives by kind (count and bytes per step) and Mosaic kernels of a compiled module."""
+  bodies, entry = computations(hlo_text)
   if entry is None:
     raise ValueError("no ENTRY computation in the HLO text: expected compiled.as_text()")
 
