@@ -18,6 +18,7 @@ from flax import nnx
 
 from ernie5_jax import sharding
 from ernie5_jax.config import DTYPES
+from ernie5_jax.ops.backend import target_platform
 
 
 def to_dtype(name: str) -> jnp.dtype:
@@ -131,14 +132,45 @@ def matmul(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
   backend runs a dot whose free dims are flattened to one ~1.5-1.9x faster in training
   than the same einsum over [batch, seq, ...]: the batched form's backward transposes
   its [batch * seq, hidden] operands for the weight gradients (benchmarks/train_step.py
-  --breakdown); the reshapes here are free.
+  --breakdown); the reshapes here are free. On CPU the dot's weight gradient is a plain
+  dot too (`_cpu_dot`).
   """
   lead, inner, out = x.shape[:x.ndim - contract], w.shape[:contract], w.shape[contract:]
   if x.shape[x.ndim - contract:] != inner:
     raise ValueError(f"matmul shapes {x.shape} x {w.shape} do not match over {contract} dims")
   size = lambda dims: int(np.prod(dims, dtype=np.int64))
-  y = x.reshape(size(lead), size(inner)) @ w.reshape(size(inner), size(out))
+  x2, w2 = x.reshape(size(lead), size(inner)), w.reshape(size(inner), size(out))
+  y = _cpu_dot(x2, w2) if target_platform() == "cpu" else x2 @ w2
   return y.reshape(*lead, *out)
+
+
+@jax.custom_vjp
+def _cpu_dot(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [M, K] @ w [K, N], with the weight gradient formed from a stored x^T [K, M].
+
+  Autodiff's weight gradient x^T d_y contracts the token dim M of both operands; XLA's
+  CPU backend (jax 0.10.2) runs such a dot outside its YNNPACK dot path, at ~100 GFLOP/s
+  in the "small" preset's step against ~200 for a plain one (removing the dense layers'
+  weight-gradient dots altogether took 89 ms off a ~520 ms step). Here the forward writes
+  x^T once and the backward's dot is a plain [K, M] x [M, N] one; the optimization
+  barrier keeps XLA from folding the transpose back into the dot. Same process,
+  alternating rounds (benchmarks/presets.py): small 529 -> 514 ms per step, medium
+  2,982 -> 2,961 ms (docs/results.md, seventh round). On TPU/GPU the transposed operand
+  costs nothing: plain autodiff there.
+  """
+  return x @ w
+
+
+def _cpu_dot_fwd(x, w):
+  return x @ w, (jax.lax.optimization_barrier(x.T), w)  # x^T: [K, M]
+
+
+def _cpu_dot_bwd(saved, d_y):
+  x_t, w = saved
+  return d_y @ w.T, x_t @ d_y  # [M, K], [K, N]
+
+
+_cpu_dot.defvjp(_cpu_dot_fwd, _cpu_dot_bwd)
 
 
 def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:

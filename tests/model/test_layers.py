@@ -1,11 +1,14 @@
 """Tests for RMSNorm, embedding / tied head, untied head and the dense SwiGLU MLP."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from ernie5_jax.aot import hlo as hlo_lib
 from ernie5_jax.model import layers
 
 D_MODEL, HIDDEN, VOCAB = 32, 48, 64
@@ -65,6 +68,30 @@ def test_swiglu_mlp_matches_numpy(x):
   np.testing.assert_allclose(np.asarray(call(mlp, x)), expected, rtol=1e-4, atol=1e-5)
   assert mlp.w_gate.get_metadata()["out_sharding"] == ("embed", "mlp")
   assert mlp.w_down.get_metadata()["out_sharding"] == ("mlp", "embed")
+
+
+def test_matmul_gradients_and_plain_weight_gradient_dot(x):
+  """matmul's gradients match numpy's, and on CPU its compiled backward has no dot that
+  contracts the token dim of both operands (XLA:CPU runs those off its fast dot path)."""
+  w = jnp.asarray(np.random.default_rng(1).normal(size=(D_MODEL, 2, HIDDEN // 2)), jnp.float32)
+  d_y = np.random.default_rng(2).normal(size=(2, 8, 2, HIDDEN // 2))
+
+  def loss(x, w):
+    return jnp.sum(layers.matmul(x, w) * d_y)
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  d_x, d_w = grad(x, w)
+  x2, w2 = np.asarray(x, np.float64).reshape(16, D_MODEL), np.asarray(w, np.float64)
+  g2 = d_y.reshape(16, HIDDEN)
+  np.testing.assert_allclose(np.asarray(d_x), (g2 @ w2.reshape(D_MODEL, HIDDEN).T).reshape(
+      x.shape), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(d_w), (x2.T @ g2).reshape(w.shape), rtol=1e-5,
+                             atol=1e-5)
+  hlo = grad.lower(x, w).compile().as_text()
+  dots = [line for lines in hlo_lib.computations(hlo)[0].values() for line in lines
+          if re.search(r" dot\(", line)]
+  assert dots and not [d for d in dots if "lhs_contracting_dims={0}" in d
+                       and "rhs_contracting_dims={0}" in d], dots
 
 
 def test_errors_name_the_argument():
