@@ -1,4 +1,4 @@
-"""Tests for RMSNorm, embedding / tied head, untied head and the dense SwiGLU MLP."""
+"""Tests for RMSNorm, embedding / tied head, untied head, matmul and the dense SwiGLU MLP."""
 
 import re
 
