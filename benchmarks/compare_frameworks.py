@@ -237,6 +237,8 @@ def _measure(contenders, args, work, jax_probe, result: dict, tally: Tally) -> N
 
 def main(argv: list[str] | None = None) -> int:
   """Runs the comparison (module docstring); returns the exit code."""
+  from ernie5_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.skip_absent_tpu()  # No libtpu probe (nor its stderr noise) without TPU chips.
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", default="small")
   parser.add_argument("--side_python", default="/work/side-venv/bin/python",

@@ -33,7 +33,7 @@ import jax
 from flax import nnx
 
 from benchmarks.common import write_json
-from ernie5_jax import elastic_export, store
+from ernie5_jax import distributed, elastic_export, store
 from ernie5_jax.generate.decode import CachedDecoder
 from ernie5_jax.eval.samples import decode_tokens_per_sec
 from ernie5_jax.model import elastic
@@ -42,6 +42,7 @@ from ernie5_jax.model.decoder import apply_variant, create_model
 
 def main() -> None:
   """Times every family member's decode; prints and writes the table."""
+  distributed.skip_absent_tpu()  # No libtpu probe (nor its stderr noise) without TPU chips.
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--checkpoint", default="", help="workdir / checkpoint (default: init)")
   parser.add_argument("--variant", default="", help="decoder.VARIANTS size for a fresh init")

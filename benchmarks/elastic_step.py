@@ -41,6 +41,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from benchmarks.common import write_json  # noqa: E402
+from ernie5_jax import distributed  # noqa: E402
 from ernie5_jax import config as config_lib  # noqa: E402
 from ernie5_jax import elastic_export  # noqa: E402
 from ernie5_jax import input_pipeline  # noqa: E402
@@ -62,6 +63,7 @@ def grad_fn(graphdef: nnx.GraphDef, config, with_masks: bool):
 
 def main(argv=None) -> int:
   """Runs the benchmark; returns the process exit code (1 if the elastic step recompiled)."""
+  distributed.skip_absent_tpu()  # No libtpu probe (nor its stderr noise) without TPU chips.
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", default=str(ROOT / "experiments" / "tiny.py") + ":synthetic")
   parser.add_argument("--iters", type=int, default=10,

@@ -61,6 +61,7 @@ from ml_collections import config_flags  # noqa: E402
 
 import data as data_lib  # noqa: E402
 from data.digits_multimodal import generate as digits_gen  # noqa: E402
+from ernie5_jax import distributed  # noqa: E402
 from ernie5_jax import config as config_lib  # noqa: E402
 from ernie5_jax import store
 from ernie5_jax.eval import scoring  # noqa: E402
@@ -126,6 +127,7 @@ def binomial_tail(k: int, n: int, p: float) -> float:
 
 def main(argv: list[str]) -> None:
   """Restores the model, scores every candidate caption of every test digit, reports."""
+  distributed.skip_absent_tpu()  # No libtpu probe (nor its stderr noise) without TPU chips.
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   start = time.perf_counter()

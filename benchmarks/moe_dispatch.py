@@ -40,6 +40,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from ernie5_jax import distributed  # noqa: E402
 from ernie5_jax.ops import moe_windows  # noqa: E402
 from ernie5_jax.ops.moe_dispatch import expert_ffn  # noqa: E402
 
@@ -92,6 +93,7 @@ def _paired_rounds(fns, rounds: int, repeats: dict[str, int], max_calls: dict[st
 
 def main(argv=None) -> int:
   """Runs the benchmark; returns the process exit code."""
+  distributed.skip_absent_tpu()  # No libtpu probe (nor its stderr noise) without TPU chips.
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--tokens", type=int, default=4096)
   parser.add_argument("--d-model", type=int, default=512)

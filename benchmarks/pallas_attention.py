@@ -42,6 +42,8 @@ def _group_layout(batch: int, seq: int, span: int) -> np.ndarray:
 
 def main(argv=None) -> int:
   """Runs the benchmark; returns the process exit code."""
+  from ernie5_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.skip_absent_tpu()  # No libtpu probe (nor its stderr noise) without TPU chips.
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--smoke", action="store_true", help="CPU interpret mode at a tiny shape.")
   parser.add_argument("--batch", type=int, default=2)

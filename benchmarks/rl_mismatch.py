@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import write_json  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ernie5_jax import store
+from ernie5_jax import distributed, store
 from ernie5_jax.generate.sampling import Sampling  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ernie5_jax.model import elastic  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ernie5_jax.input_pipeline import verifiable  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -45,6 +45,7 @@ def routing_disagreement(live_ids: np.ndarray, replayed_ids: np.ndarray,
 
 def main() -> None:
   """Measures the mismatch table (module docstring)."""
+  distributed.skip_absent_tpu()  # No libtpu probe (nor its stderr noise) without TPU chips.
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--checkpoint", required=True, help="an SFT / RL workdir or checkpoint")
   parser.add_argument("--prompts", type=int, default=16, help="held-out prompts per family")

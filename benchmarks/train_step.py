@@ -259,6 +259,8 @@ def print_breakdown(result: dict) -> None:
 
 def main(argv=None) -> int:
   """Runs the benchmark; returns the process exit code (1 if the step recompiled)."""
+  from ernie5_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.skip_absent_tpu()  # No libtpu probe (nor its stderr noise) without TPU chips.
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", default=str(ROOT / "experiments" / "tiny.py"))
   parser.add_argument("--preset", default="", help="benchmarks/presets.py size: small, medium")

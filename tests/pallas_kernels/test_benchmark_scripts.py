@@ -2,7 +2,10 @@
 
 import importlib.util
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -35,3 +38,14 @@ def test_benchmarks_skip_cleanly_without_a_gpu(capsys):
   for name in ("pallas_gmm", "pallas_attention"):
     assert _load(name).main([]) == 0
     assert "no GPU found" in capsys.readouterr().out
+
+
+def test_a_benchmark_run_as_a_script_prints_no_tpu_probe_errors(tmp_path):
+  # With libtpu installed (the test extra) and JAX_PLATFORMS unset, as in a user's shell.
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  proc = subprocess.run(
+      [sys.executable, str(BENCHMARKS / "pallas_gmm.py"), "--smoke", "--out",
+       str(tmp_path / "gmm.json")], env=env, capture_output=True, text=True, timeout=600,
+      check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "libtpu" not in proc.stderr and "TPU_WORKER_HOSTNAMES" not in proc.stderr
