@@ -155,7 +155,8 @@ def _cpu_dot(x: jax.Array, w: jax.Array) -> jax.Array:
   x^T once and the backward's dot is a plain [K, M] x [M, N] one; the optimization
   barrier keeps XLA from folding the transpose back into the dot. Same process,
   alternating rounds (benchmarks/presets.py): small 529 -> 514 ms per step, medium
-  2,982 -> 2,961 ms (docs/results.md, seventh round). On TPU/GPU the transposed operand
+  2,982 -> 2,961 ms (docs/results.md, seventh round); five small A/Bs over two rounds
+  average 1.4% faster, within their +-2% spread. On TPU/GPU the transposed operand
   costs nothing: plain autodiff there.
   """
   return x @ w
