@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import pallas_kernels  # noqa: E402
 from benchmarks.common import median_ms, write_json  # noqa: E402
+from ernie5_jax import distributed  # noqa: E402
 from pallas_kernels import attention_mask  # noqa: E402
 
 
@@ -42,7 +43,6 @@ def _group_layout(batch: int, seq: int, span: int) -> np.ndarray:
 
 def main(argv=None) -> int:
   """Runs the benchmark; returns the process exit code."""
-  from ernie5_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.skip_absent_tpu()  # No libtpu probe (nor its stderr noise) without TPU chips.
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--smoke", action="store_true", help="CPU interpret mode at a tiny shape.")

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import pallas_kernels  # noqa: E402
 from benchmarks.common import median_ms, write_json  # noqa: E402
+from ernie5_jax import distributed  # noqa: E402
 
 
 def _group_sizes(m: int, groups: int, seed: int) -> np.ndarray:
@@ -40,7 +41,6 @@ def _group_sizes(m: int, groups: int, seed: int) -> np.ndarray:
 
 def main(argv=None) -> int:
   """Runs the benchmark; returns the process exit code."""
-  from ernie5_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.skip_absent_tpu()  # No libtpu probe (nor its stderr noise) without TPU chips.
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--smoke", action="store_true", help="CPU interpret mode at a tiny shape.")
